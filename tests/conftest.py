@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny random-weight checkpoint in the real file layout, and an engine on it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# moshi is only a test oracle; without this it torch.compiles on CPU and runs 16x slower.
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kyutai_tts_plugin.testing import make_test_checkpoint
+
+    return make_test_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint: Path) -> Iterator[object]:
+    from kyutai_tts_plugin.engine import TTSEngine
+
+    engine = TTSEngine.from_pretrained(tiny_checkpoint, voice_repo=tiny_checkpoint / "voices", max_sessions=4)
+    yield engine
+    engine.close()
