@@ -53,6 +53,7 @@ class SessionOptions:
     n_q: int = 32  # audio codebooks generated (1..checkpoint n_q)
     padding_bonus: float = 0.0  # > 0 speaks slower, < 0 faster
     seed: int | None = None
+    other_voice: str | None = None  # dialog only: the voice of the second speaker (see next_turn)
 
 
 SessionEvent = AudioChunk | WordTiming
