@@ -1,0 +1,121 @@
+"""Helpers that build tiny random models with moshi's own classes (the reference, test-only) and save
+them in the real checkpoint layout, so our engine can be checked against moshi token for token."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import torch  # noqa: E402
+from kyutai_tts_plugin.mimi import TINY_MIMI_CONFIG  # noqa: E402
+from kyutai_tts_plugin.testing import TINY_LM_CONFIG, train_test_tokenizer  # noqa: E402
+from moshi.models import loaders  # noqa: E402
+from moshi.models.tts import TTSModel  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+VOICES = (
+    "expresso/ex03-ex01_happy_001_channel1_334s.wav",
+    "voice-donations/alice.wav",
+    "voice-donations/bob.wav",
+)
+
+
+@dataclass
+class MoshiCheckpoint:
+    root: Path
+    config: dict[str, Any]
+    voices_dir: Path
+
+    def voice_path(self, name: str) -> Path:
+        sig = self.config["model_id"]
+        return self.voices_dir / f"{name}.{sig['sig']}@{sig['epoch']}.safetensors"
+
+    def load_moshi(self, n_q: int, temp: float) -> TTSModel:
+        info = loaders.CheckpointInfo.from_hf_repo(
+            "local/test",
+            moshi_weights=self.root / self.config["moshi_name"],
+            mimi_weights=self.root / self.config["mimi_name"],
+            tokenizer=self.root / self.config["tokenizer_name"],
+            config_path=self.root / "config.json",
+            mimi_config_path=self.root / self.config["mimi_config_name"],
+        )
+        return TTSModel.from_checkpoint_info(info, n_q=n_q, temp=temp, device="cpu", dtype=torch.float32)
+
+
+def _fused_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """moshi module names -> the released checkpoint's fused attention names."""
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        for part, fused in ((".in_projs.", ".in_proj_weight"), (".out_projs.", ".out_proj.weight")):
+            if part in key:
+                prefix, rest = key.split(part, 1)
+                groups.setdefault(prefix + fused, {})[int(rest.split(".")[0])] = value
+                break
+        else:
+            out[key] = value
+    for key, parts in groups.items():
+        out[key] = torch.cat([parts[i] for i in sorted(parts)])
+    return out
+
+
+def build_moshi_checkpoint(root: Path, seed: int = 0, fused: bool = True) -> MoshiCheckpoint:
+    """A tiny random moshi LM + Mimi saved like `kyutai/tts-1.6b-en_fr` (plus a mimi_config file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(TINY_LM_CONFIG)
+    train_test_tokenizer(root / config["tokenizer_name"])
+    (root / config["mimi_config_name"]).write_text(json.dumps(TINY_MIMI_CONFIG.to_dict()))
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+
+    torch.manual_seed(seed)
+    lm_kwargs = {k: v for k, v in config.items() if k not in _NON_LM_KEYS}
+    lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device="cpu", dtype=torch.float32)
+    state = {}
+    for key, value in lm.state_dict().items():
+        value = torch.randn_like(value) * 0.5 if "alpha" not in key else value
+        state[key] = value.float() if key.startswith("condition_provider.") else value.to(torch.bfloat16)
+    save_file(_fused_names(state) if fused else state, root / config["moshi_name"])
+
+    mimi = loaders.get_mimi(None, TINY_MIMI_CONFIG.to_dict(), num_codebooks=32)
+    mimi_state = {}
+    gen = torch.Generator().manual_seed(seed + 1)
+    for key, value in mimi.state_dict().items():
+        if key.endswith("_initialized"):
+            value = torch.ones_like(value)
+        elif key.endswith("cluster_usage"):
+            value = torch.rand(value.shape, generator=gen) + 0.5
+        elif value.is_floating_point():
+            value = torch.randn(value.shape, generator=gen) * 0.1
+        mimi_state[key] = value.float().contiguous()
+    save_file(_fused_names(mimi_state), root / config["mimi_name"])
+
+    voices_dir = root / "voices"
+    ckpt = MoshiCheckpoint(root, config, voices_dir)
+    dim = config["conditioners"]["speaker_wavs"]["tensor"]["dim"]
+    for i, name in enumerate(VOICES):
+        path = ckpt.voice_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        emb = torch.randn(1, dim, 125, generator=torch.Generator().manual_seed(100 + i))
+        meta = {"sig": str(config["model_id"]["sig"]), "epoch": str(config["model_id"]["epoch"])}
+        save_file({"speaker_wavs": emb}, path, metadata=meta)
+    return ckpt
+
+
+_NON_LM_KEYS = {
+    "moshi_name",
+    "mimi_name",
+    "mimi_config_name",
+    "tokenizer_name",
+    "lora_name",
+    "model_type",
+    "lm_gen_config",
+    "tts_config",
+    "stt_config",
+    "model_id",
+}
