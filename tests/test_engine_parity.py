@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kyutai_tts_plugin.configs import REAL_LM_CONFIG
 from kyutai_tts_plugin.engine import StreamingSession, TTSEngine
 from kyutai_tts_plugin.lm import LMModel, LMShape
 from kyutai_tts_plugin.types import AudioChunk, SessionOptions, WordTiming
@@ -247,57 +248,9 @@ def test_our_random_checkpoint_loads_in_moshi(tmp_path):
         eng.close()
 
 
-REAL_CONFIG = {
-    "card": 2048,
-    "n_q": 32,
-    "dep_q": 32,
-    "delays": [0, 0] + [2] * 31,
-    "dim": 2048,
-    "text_card": 8000,
-    "existing_text_padding_id": 3,
-    "num_heads": 16,
-    "num_layers": 16,
-    "hidden_scale": 4.125,
-    "causal": True,
-    "layer_scale": None,
-    "context": 500,
-    "max_period": 10000,
-    "gating": "silu",
-    "norm": "rms_norm_f32",
-    "positional_embedding": "rope",
-    "depformer_dim": 1024,
-    "depformer_num_heads": 16,
-    "depformer_num_layers": 4,
-    "depformer_dim_feedforward": 3072,
-    "depformer_multi_linear": True,
-    "depformer_pos_emb": "none",
-    "depformer_weights_per_step": True,
-    "depformer_low_rank_embeddings": 128,
-    "depformer_weights_per_step_schedule": list(range(8)) + [8] * 8 + [9] * 8 + [10] * 8,
-    "cross_attention": True,
-    "demux_second_stream": True,
-    "conditioners": {
-        "speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}},
-        "cfg": {
-            "type": "lut",
-            "lut": {
-                "n_bins": 7,
-                "dim": 16,
-                "tokenizer": "noop",
-                "possible_values": ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"],
-            },
-        },
-        "control": {
-            "type": "lut",
-            "lut": {"n_bins": 1, "dim": 2048, "tokenizer": "noop", "possible_values": ["ok"]},
-        },
-    },
-}
-
-
 def test_real_size_inventory_on_meta_device():
     with torch.device("meta"):
-        model = LMModel(LMShape.from_config(copy.deepcopy(REAL_CONFIG)))
+        model = LMModel(LMShape.from_config(copy.deepcopy(REAL_LM_CONFIG)))
     state = model.state_dict()
     f32 = [k for k in state if k.startswith("condition_provider.")]
     assert len(state) == 418 and len(f32) == 8
@@ -309,15 +262,7 @@ def test_real_size_inventory_on_meta_device():
 def test_every_real_checkpoint_name_is_known():
     from moshi.models import loaders
 
-    cfg = copy.deepcopy(REAL_CONFIG) | {
-        "fuser": {
-            "cross_attention_pos_emb": True,
-            "cross_attention_pos_emb_scale": 1,
-            "sum": ["control", "cfg"],
-            "prepend": [],
-            "cross": ["speaker_wavs"],
-        }
-    }
+    cfg = copy.deepcopy(REAL_LM_CONFIG)
     with torch.device("meta"):
         ref = loaders.get_moshi_lm(None, lm_kwargs=cfg, device="meta", dtype=torch.bfloat16)
         ours = LMModel(LMShape.from_config(cfg))
