@@ -1,0 +1,167 @@
+"""`kyutai-tts`: synthesize a WAV file, list voices, or write a tiny test checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import wave
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import DEFAULT_MODEL_REPO, DEFAULT_VOICE_REPO
+from .errors import KyutaiTTSError
+
+PROG = "kyutai-tts"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KyutaiTTSError as e:
+        # Our errors already say what went wrong and what to do: one line, no traceback.
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable --text-file, unwritable --out, ...
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Kyutai streaming TTS (kyutai/tts-1.6b-en_fr).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    syn = sub.add_parser("synthesize", help="speak a text into a WAV file (24 kHz, mono, 16-bit)")
+    _model_args(syn)
+    syn.add_argument("--voice", help="voice name (default: the engine's default voice)")
+    text = syn.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the text to speak")
+    text.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
+    syn.add_argument("--out", type=Path, required=True, help="output WAV file")
+    syn.add_argument("--timings", type=Path, help="write word timings as JSON [{word, start, end}]")
+    syn.add_argument("--n-q", type=int, help="audio codebooks to generate (default 32)")
+    syn.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.6)")
+    syn.add_argument("--cfg", type=float, help="CFG coefficient, 1.0..4.0 by 0.5 (default 2.0)")
+    syn.add_argument("--seed", type=int, help="random seed for reproducible output")
+    syn.add_argument("--padding-bonus", type=float, help="> 0 speaks slower, < 0 faster (default 0)")
+    syn.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    syn.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype"
+    )
+    syn.set_defaults(run=_synthesize)
+
+    voices = sub.add_parser("voices", help="list the available voices, one per line")
+    _model_args(voices)
+    voices.set_defaults(run=_voices)
+
+    make = sub.add_parser(
+        "make-test-checkpoint",
+        help="write a tiny random-weight checkpoint (produces noise) for testing pipelines offline",
+    )
+    make.add_argument("directory", type=Path)
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(run=_make_test_checkpoint)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_REPO,
+        help=f"Hugging Face repo or local directory ({DEFAULT_MODEL_REPO})",
+    )
+    p.add_argument(
+        "--voice-repo",
+        default=DEFAULT_VOICE_REPO,
+        help=f"Hugging Face repo or local directory of voices ({DEFAULT_VOICE_REPO})",
+    )
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .engine import TTSEngine
+    from .types import SessionOptions
+
+    text = args.text if args.text is not None else args.text_file.read_text(encoding="utf-8")
+    given = {
+        "voice": args.voice,
+        "n_q": args.n_q,
+        "temperature": args.temperature,
+        "cfg_coef": args.cfg,
+        "seed": args.seed,
+        "padding_bonus": args.padding_bonus,
+    }
+    options = SessionOptions(**{k: v for k, v in given.items() if v is not None})
+    engine = TTSEngine.from_pretrained(
+        args.model, voice_repo=args.voice_repo, device=args.device, dtype=args.dtype, max_sessions=1
+    )
+    bars: list[tqdm] = []  # created at the first frame, so that an early error prints no empty bar
+
+    def on_chunk(chunk: object) -> None:
+        if not bars:
+            bars.append(tqdm(unit=" frames", desc="synthesizing", file=sys.stderr))
+        bars[0].update(1)
+
+    try:
+        result = engine.synthesize(text, options, on_chunk=on_chunk)
+    finally:
+        for bar in bars:
+            bar.close()
+        engine.close()
+    write_wav(args.out, result.pcm, result.sample_rate)
+    if args.timings is not None:
+        timings = [
+            {"word": w.word, "start": round(w.start_s, 3), "end": round(w.end_s, 3)} for w in result.words
+        ]
+        args.timings.write_text(json.dumps(timings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    seconds = len(result.pcm) / result.sample_rate
+    print(f"wrote {args.out} ({seconds:.2f} s, {len(result.words)} words)", file=sys.stderr)
+    return 0
+
+
+def write_wav(path: Path, pcm: np.ndarray, sample_rate: int) -> None:
+    """16-bit mono WAV with the standard library."""
+    samples = (np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(samples.tobytes())
+
+
+def _voices(args: argparse.Namespace) -> int:
+    from .checkpoint import VoiceLibrary, load_config
+
+    config = load_config(args.model)  # the voice file suffix depends on the model
+    for name in VoiceLibrary(args.voice_repo, suffix=config.voice_suffix).list():
+        print(name)
+    return 0
+
+
+def _make_test_checkpoint(args: argparse.Namespace) -> int:
+    from .testing import make_test_checkpoint
+
+    root = make_test_checkpoint(args.directory, seed=args.seed)
+    print(
+        f"Wrote a tiny test checkpoint to {root}\n"
+        "It has random weights: produces noise, for testing pipelines offline.\n"
+        "Use it with:\n"
+        f"  {PROG} synthesize --model {root} --voice-repo {root / 'voices'} \\\n"
+        '      --text "Hello world." --out out.wav\n'
+        f'  TTSEngine.from_pretrained("{root}", voice_repo="{root / "voices"}")'
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
