@@ -426,10 +426,11 @@ class TTSEngine:
         with self._cv:
             if self._closed:
                 raise EngineFailure("the engine is closed; create a new TTSEngine")
-            free = any(s is None for s in self._slots)
-            if not free and len(self._waiting) >= self.max_waiting:
+            # Admission is asynchronous (the worker moves sessions into slots), so count both.
+            taken = sum(s is not None for s in self._slots) + len(self._waiting)
+            if taken >= self.max_sessions + self.max_waiting:
                 raise EngineFullError(
-                    f"engine full: {self.max_sessions} sessions are speaking and {len(self._waiting)} are "
+                    f"engine full: {self.max_sessions} sessions are speaking and {self.max_waiting} are "
                     "waiting; retry later, or raise max_sessions / max_waiting when creating the engine"
                 )
             self._waiting.append(session)
