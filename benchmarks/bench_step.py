@@ -102,12 +102,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--quantize", choices=["int8"], default=None, help="our engine only (moshi has no such mode)"
+    )
     ap.add_argument("--out", default=None, help="append a markdown table to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     ref, ours = build(dtype)
+    if args.quantize:
+        from kyutai_tts_plugin.lm import quantize_int8
+
+        quantize_int8(ours)
     rows = []
     for batch in args.batch:
         for n_q in args.n_q:
@@ -120,7 +127,8 @@ def main() -> None:
                 flush=True,
             )
     table = [
-        f"### Step time, real-size random weights, {args.dtype}, {date.today()}",
+        f"### Step time, real-size random weights, {args.dtype}"
+        f"{', ours with int8 weights' if args.quantize else ''}, {date.today()}",
         "",
         f"Command: `python benchmarks/bench_step.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

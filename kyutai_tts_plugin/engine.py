@@ -41,7 +41,7 @@ from .errors import (
     InvalidInputError,
     SessionClosedError,
 )
-from .lm import LMModel, LMShape, LMState, Rows, backbone_step, depformer_step, load_lm
+from .lm import LMModel, LMShape, LMState, Rows, backbone_step, depformer_step, load_lm, quantize_int8
 from .mimi import MimiConfig, MimiModel, MimiStreamingDecoder
 from .sampling import sample_token
 from .text import RawWord, TextTokenizer, WordChunker, normalize_word_text
@@ -364,9 +364,16 @@ class TTSEngine:
         dtype: str | torch.dtype = "float32",
         revision: str | None = None,
         num_threads: int | None = None,
+        quantize: str | None = None,
         **kwargs: Any,
     ) -> TTSEngine:
-        """Load a checkpoint (Hugging Face repo id or local directory) and start the engine."""
+        """Load a checkpoint (Hugging Face repo id or local directory) and start the engine.
+
+        `quantize="int8"` stores the large projections as int8 (opt-in CPU speed mode, not bit-exact;
+        best with `dtype="bfloat16"`). `num_threads` sets torch's CPU thread count.
+        """
+        if quantize not in (None, "int8"):
+            raise InvalidInputError(f"quantize={quantize!r} is not supported; use None or 'int8'")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -376,6 +383,8 @@ class TTSEngine:
         with torch.device("meta"):
             lm = LMModel(LMShape.from_config(raw))
         lm = load_lm(lm, load_safetensors(files.lm_path), str(files.lm_path), torch_dtype, dev)
+        if quantize == "int8":
+            quantize_int8(lm)
         mimi_config = MimiConfig.from_dict(files.mimi_config) if files.mimi_config else None
         mimi = MimiModel.from_safetensors(files.mimi_path, mimi_config, device=dev)
         tokenizer = TextTokenizer.from_file(files.tokenizer_path)

@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kyutai_tts_plugin.engine import TTSEngine
-from kyutai_tts_plugin.errors import CheckpointError, InvalidInputError, SessionClosedError, VoiceNotFoundError
+from kyutai_tts_plugin.errors import (
+    CheckpointError,
+    InvalidInputError,
+    SessionClosedError,
+    VoiceNotFoundError,
+)
 from kyutai_tts_plugin.types import AudioChunk, SessionOptions
 
 GREEDY = SessionOptions(temperature=0.0, n_q=4)
@@ -54,7 +59,9 @@ def test_unknown_voice_names_close_matches(tiny_engine):
 
 
 def test_cfg_outside_checkpoint_values_lists_them(tiny_engine):
-    with pytest.raises(InvalidInputError, match=r"cfg_coef=5.0 is not supported .* use one of 1, 1.5, 2, 2.5, 3, 3.5, 4"):
+    with pytest.raises(
+        InvalidInputError, match=r"cfg_coef=5.0 is not supported .* use one of 1, 1.5, 2, 2.5, 3, 3.5, 4"
+    ):
         tiny_engine.open_session(SessionOptions(cfg_coef=5.0))
 
 
@@ -107,7 +114,9 @@ def test_lm_tensor_with_wrong_shape_names_file_and_key(tiny_checkpoint, tmp_path
     state = load_file(_lm_file(root))
     state["text_linear.weight"] = state["text_linear.weight"][:-1].contiguous()
     save_file(state, _lm_file(root))
-    with pytest.raises(CheckpointError, match=r"dsm_tts_.*\.safetensors: tensor 'text_linear.weight' has shape"):
+    with pytest.raises(
+        CheckpointError, match=r"dsm_tts_.*\.safetensors: tensor 'text_linear.weight' has shape"
+    ):
         TTSEngine.from_pretrained(root, voice_repo=root / "voices")
 
 
@@ -120,7 +129,9 @@ def test_lm_tensor_missing_or_wrong_dtype(tiny_checkpoint, tmp_path):
         TTSEngine.from_pretrained(root, voice_repo=root / "voices")
     state["out_norm.alpha"] = torch.ones(1, 1, 64, dtype=torch.int32)
     save_file(state, _lm_file(root))
-    with pytest.raises(CheckpointError, match=r"tensor 'out_norm.alpha' has dtype torch.int32, expected a float"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'out_norm.alpha' has dtype torch.int32, expected a float"
+    ):
         TTSEngine.from_pretrained(root, voice_repo=root / "voices")
 
 

@@ -52,8 +52,12 @@ def test_random_joins_cancels_and_word_arrivals(tiny_checkpoint):
         plans = []
         for i in range(12):
             text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))
-            opts = SessionOptions(temperature=0.0, n_q=rng.choice([4, 8]), voice=TEST_VOICES[i % len(TEST_VOICES)],
-                                  cfg_coef=rng.choice([1.5, 2.0, 3.0]))
+            opts = SessionOptions(
+                temperature=0.0,
+                n_q=rng.choice([4, 8]),
+                voice=TEST_VOICES[i % len(TEST_VOICES)],
+                cfg_coef=rng.choice([1.5, 2.0, 3.0]),
+            )
             plans.append((text, opts, rng.random() < 0.33, rng.uniform(0.0, 0.4), rng.random()))
         solo = {}
         for i, (text, opts, cancel, _, _) in enumerate(plans):
@@ -117,7 +121,9 @@ def test_starved_session_does_not_hold_back_others(tiny_checkpoint):
         pcm, _ = drain(busy)
         assert pcm.size > 0 and busy.is_finished
         assert starved.run is not None and starved.run.step == 0
-        alone = engine.synthesize("this session has all of its words right now", SessionOptions(temperature=0, n_q=4))
+        alone = engine.synthesize(
+            "this session has all of its words right now", SessionOptions(temperature=0, n_q=4)
+        )
         assert np.array_equal(pcm, alone.pcm)
         starved.cancel()
     finally:
