@@ -70,7 +70,21 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("directory", type=Path)
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(run=_make_test_checkpoint)
+
+    serve = sub.add_parser("serve", help="serve one engine to many agent workers (Kyutai moshi-server protocol)")
+    try:
+        from .server import add_serve_arguments, run_serve
+    except ImportError:  # aiohttp / msgpack come with the `server` extra
+        serve.set_defaults(run=_serve_missing)
+    else:
+        add_serve_arguments(serve)
+        serve.set_defaults(run=run_serve)
     return parser
+
+
+def _serve_missing(args: argparse.Namespace) -> int:
+    print("kyutai-tts serve needs: pip install 'kyutai-tts-plugin[server]'", file=sys.stderr)
+    return 2
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -746,8 +746,10 @@ class TTSEngine:
             else:
                 break
             text = r.raw_texts.popleft() if r.raw_texts else ""
-            if final and r.words_timed + 1 == len(st.transcript):
-                text += r.pending_raw  # trailing whitespace / unspoken characters belong to the last word
+            if st.end_step is not None and r.words_timed + 1 == len(st.transcript):
+                # The last word (no word follows once the end is known; the text was flushed, so
+                # its tail is in pending_raw): trailing whitespace / unspoken characters go with it.
+                text += r.pending_raw
                 r.pending_raw = ""
             out.append(WordTiming(word, start, end_step * FRAME_DURATION_S, text))
             r.words_timed += 1

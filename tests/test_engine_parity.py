@@ -139,7 +139,7 @@ def test_pcm_matches_moshi_streaming_decode(oracle, engine):
 
 
 def test_word_timings_are_consumption_steps(oracle, engine):
-    text = "hello there, general Kenobi! (you are) a bold one: 42 times"
+    text = "hello there, general Kenobi! (you are) a bold one: 42 times \n "
     _, result = run_moshi(oracle, text, n_q=8)
     session, chunks, words = run_ours(engine, text, n_q=8, temperature=0.0)
     transcript = result.all_transcripts[0]

@@ -1,0 +1,892 @@
+"""`kyutai-tts serve`: one engine shared by many agent workers over the network.
+
+The websocket route speaks the protocol of Kyutai's ``moshi-server`` (TTS "Py" module), so Kyutai's own
+clients (Unmute, ``scripts/tts_rust_server.py``) work against it unchanged:
+
+* ``GET /api/tts_streaming`` (websocket). Query: ``voice``, ``format`` (``PcmMessagePack`` or ``Pcm``),
+  ``auth_id``; our extensions ``temperature``, ``top_k``, ``top_k_text``, ``seed``, ``cfg_alpha``
+  (= cfg_coef), ``n_q``, ``padding_bonus``. API key in the ``kyutai-api-key`` header (or ``auth_id``).
+  Client -> server, msgpack maps: ``{"type": "Text", "text": str}`` (whole words; each message ends at a
+  word boundary), ``{"type": "Eos"}``; also a websocket text frame (= Text) and the binary frame
+  ``b"\\0"`` (= Eos). Server -> client: ``Ready``, then ``Text {text, start_s, stop_s}`` (word timings on
+  the audio timeline) and ``Audio {pcm: 1920 float32}`` in order, then a normal close (1000); or
+  ``Error {message, code}`` followed by a close with a reason.
+* ``POST /api/tts`` and ``POST /api/tts_streaming``: JSON ``{"text", "voice", ...options}`` or a
+  ``text/plain`` body; chunked audio back (``format=wav`` (default, 16-bit), ``pcm`` (s16le),
+  ``pcm_f32le``).
+* ``GET /api/health`` (no key needed), ``GET /api/voices``, ``GET /metrics`` (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import struct
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+from aiohttp import WSMsgType, web
+
+from .errors import (
+    EngineFailure,
+    EngineFullError,
+    EngineTimeoutError,
+    InvalidInputError,
+    VoiceNotFoundError,
+)
+from .types import SAMPLE_RATE, AudioChunk, SessionOptions, WordTiming
+
+if TYPE_CHECKING:
+    from .engine import StreamingSession, TTSEngine
+
+logger = logging.getLogger(__name__)
+
+STREAMING_PATH = "/api/tts_streaming"
+HTTP_PATH = "/api/tts"
+API_KEY_HEADER = "kyutai-api-key"
+FORMATS = ("PcmMessagePack", "Pcm")
+HTTP_FORMATS = {"wav": "audio/wav", "pcm": "audio/L16; rate=24000; channels=1", "pcm_f32le": "audio/pcm"}
+
+# code -> (websocket close code, HTTP status). The code travels in Error messages as an extension field
+# (Kyutai's clients read only `message`), so that our client can raise the matching exception.
+ERROR_CODES: dict[str, tuple[int, int]] = {
+    "unauthorized": (1008, 401),
+    "bad_request": (1008, 400),
+    "invalid_voice": (1008, 400),
+    "unknown_voice": (1008, 404),
+    "too_many_sessions": (1013, 429),
+    "no_free_channels": (1013, 503),
+    "queue_timeout": (1013, 503),
+    "message_too_large": (1009, 413),
+    "text_too_long": (1008, 413),
+    "malformed_message": (1003, 400),
+    "unsupported": (1003, 400),
+    "text_after_eos": (1008, 400),
+    "idle_timeout": (1008, 408),
+    "session_too_long": (1008, 408),
+    "slow_reader": (1008, 408),
+    "engine_error": (1011, 500),
+    "internal_error": (1011, 500),
+}
+
+
+class ProtocolError(Exception):
+    """An error the client is told about: an Error message (websocket) or a JSON error (HTTP)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def close_code(self) -> int:
+        return ERROR_CODES[self.code][0]
+
+    @property
+    def http_status(self) -> int:
+        return ERROR_CODES[self.code][1]
+
+
+class _ClientGone(Exception):
+    """The client closed or dropped the connection: nothing to report to anybody."""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_message_bytes: int = 64 * 1024  # one websocket message or one HTTP body
+    max_text_chars: int = 20_000  # text per session (about 20 minutes of speech)
+    max_sessions_per_key: int = 64  # concurrent sessions per API key (all anonymous clients share one)
+    idle_timeout_s: float = 30.0  # no client message for this long before Eos (moshi-server: 30 s)
+    max_session_s: float = 900.0  # a whole session, connection to last audio
+    send_timeout_s: float = 30.0  # one message not taken by the client for this long: slow reader
+    # After the last audio, how long the client may take to read up to our close frame: socket buffers can
+    # hold many seconds of audio for a client that reads at playback speed, and closing early loses it.
+    close_timeout_s: float = 60.0
+    # aiohttp drops a peer whose pong is late; a client reading slowly would be cut without a reason, so
+    # this is off by default (the idle and send timeouts already catch dead peers).
+    heartbeat_s: float | None = None
+
+
+class Metrics:
+    """Counters for `/metrics` and the load test."""
+
+    def __init__(self) -> None:
+        self.sessions: Counter[str] = Counter()  # started / completed / cancelled / failed
+        self.errors: Counter[str] = Counter()
+        self.audio_seconds = 0.0
+        self.connections = 0
+
+    def render(self, engine: TTSEngine) -> str:
+        lines = [
+            "# TYPE kyutai_tts_sessions_total counter",
+            *(f'kyutai_tts_sessions_total{{outcome="{k}"}} {v}' for k, v in sorted(self.sessions.items())),
+            "# TYPE kyutai_tts_errors_total counter",
+            *(f'kyutai_tts_errors_total{{code="{k}"}} {v}' for k, v in sorted(self.errors.items())),
+            "# TYPE kyutai_tts_audio_seconds_total counter",
+            f"kyutai_tts_audio_seconds_total {self.audio_seconds:.2f}",
+            "# TYPE kyutai_tts_connections gauge",
+            f"kyutai_tts_connections {self.connections}",
+            "# TYPE kyutai_tts_engine_sessions gauge",
+            f"kyutai_tts_engine_sessions {engine.active_sessions}",
+            "# TYPE kyutai_tts_engine_slots gauge",
+            f"kyutai_tts_engine_slots {engine.max_sessions}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+# One path segment of a voice name: no "..", no leading dot or "~", nothing a shell or a path could
+# reinterpret. Voice names are relative paths in the voice repo (e.g. "expresso/ex03-....wav").
+_VOICE_SEGMENT = re.compile(r"[\w@+=,-][\w.@+=, '()&-]*")
+_MAX_VOICE_CHARS = 256
+
+# (option name in SessionOptions, query parameter, parser)
+_OPTION_PARAMS: tuple[tuple[str, str, type], ...] = (
+    ("temperature", "temperature", float),
+    ("top_k", "top_k", int),
+    ("top_k_text", "top_k_text", int),
+    ("seed", "seed", int),
+    ("cfg_coef", "cfg_alpha", float),
+    ("cfg_coef", "cfg_coef", float),
+    ("n_q", "n_q", int),
+    ("padding_bonus", "padding_bonus", float),
+)
+
+_AUDIO_PACKER_OPTS = {"use_single_float": True}  # float32 samples, as moshi-server (rmp_serde f32)
+
+
+def _pack(message: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _pack_audio(pcm: Any) -> bytes:
+    return msgpack.packb({"type": "Audio", "pcm": pcm.tolist()}, **_AUDIO_PACKER_OPTS)
+
+
+def _close_reason(message: str) -> bytes:
+    # A close reason is at most 123 bytes; cut on a character boundary.
+    return message.encode("utf-8")[:123].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+class TTSServer:
+    """The aiohttp application over one `TTSEngine`."""
+
+    def __init__(
+        self,
+        engine: TTSEngine,
+        *,
+        api_keys: Sequence[str] = (),
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits or ServerLimits()
+        # Compare digests, not keys: equal lengths, so timing reveals nothing about a key's length either.
+        self._key_digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in api_keys if k]
+        self._per_key: Counter[str] = Counter()
+        self.metrics = Metrics()
+
+    # -- application --------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.limits.max_message_bytes)
+        app.router.add_get(STREAMING_PATH, self._ws_handler)
+        app.router.add_post(STREAMING_PATH, self._http_handler)
+        app.router.add_post(HTTP_PATH, self._http_handler)
+        app.router.add_get("/api/health", self._health)
+        app.router.add_get("/api/voices", self._voices)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    # -- shared checks ------------------------------------------------------------------------
+
+    def _authenticate(self, request: web.Request) -> str:
+        """The identity the per-key limit counts against; raises `unauthorized`."""
+        if not self._key_digests:
+            return "anonymous"
+        given = request.headers.get(API_KEY_HEADER) or request.query.get("auth_id")
+        if given:
+            digest = hashlib.sha256(given.encode("utf-8")).digest()
+            match = None
+            for i, key in enumerate(self._key_digests):  # no early exit: same time for every key
+                if hmac.compare_digest(digest, key):
+                    match = i
+            if match is not None:
+                return f"key{match}"
+        raise ProtocolError(
+            "unauthorized",
+            f"unauthorized: send a valid API key in the {API_KEY_HEADER} header (or the auth_id query "
+            "parameter)",
+        )
+
+    @contextmanager
+    def _key_slot(self, key: str) -> Iterator[None]:
+        limit = self.limits.max_sessions_per_key
+        if self._per_key[key] >= limit:
+            raise ProtocolError(
+                "too_many_sessions", f"too many concurrent sessions for this API key (limit {limit})"
+            )
+        self._per_key[key] += 1
+        try:
+            yield
+        finally:
+            self._per_key[key] -= 1
+            if self._per_key[key] <= 0:
+                del self._per_key[key]
+
+    def _options(self, params: Mapping[str, Any]) -> SessionOptions:
+        values: dict[str, Any] = {}
+        for field, param, parse in _OPTION_PARAMS:
+            raw = params.get(param)
+            if raw is None or raw == "":
+                continue
+            try:
+                value = parse(raw) if not isinstance(raw, bool) else None
+            except (TypeError, ValueError):
+                value = None
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                kind = "an integer" if parse is int else "a number"
+                raise ProtocolError(
+                    "bad_request", f"invalid parameter {param}={str(raw)[:40]!r}: expected {kind}"
+                )
+            values[field] = value
+        seed = values.get("seed")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ProtocolError("bad_request", "invalid parameter seed: expected 0 <= seed < 2**63")
+        voice = params.get("voice")
+        if voice is not None and voice != "":
+            if not isinstance(voice, str):
+                raise ProtocolError("invalid_voice", "invalid voice: expected a voice name (a string)")
+            values["voice"] = voice
+        return SessionOptions(**values)
+
+    def _check_voice_name(self, name: str) -> str:
+        """The voice name without the model suffix; raises `invalid_voice` for anything that could name a
+        file outside the voice directory."""
+        suffix = self.engine.voices.suffix
+        bare = name[: -len(suffix)] if suffix and name.endswith(suffix) else name
+        segments = bare.split("/")
+        if (
+            len(name) > _MAX_VOICE_CHARS
+            or bare.endswith(".safetensors")  # would be read as a local file path
+            or not all(_VOICE_SEGMENT.fullmatch(s) for s in segments)
+        ):
+            raise ProtocolError(
+                "invalid_voice",
+                f"invalid voice name {name[:80]!r}: use a name listed by GET /api/voices (a relative path "
+                "in the voice directory)",
+            )
+        return bare
+
+    def _resolve_voice(self, name: str) -> None:
+        """Blocking (a Hugging Face voice repo may download): run in a thread."""
+        try:
+            path = self.engine.voices.resolve(name)
+        except VoiceNotFoundError:
+            raise ProtocolError("unknown_voice", self._unknown_voice_message(name)) from None
+        directory = self.engine.voices.directory
+        if directory is not None and not Path(path).resolve().is_relative_to(Path(directory).resolve()):
+            # a symlink inside the voice directory pointing elsewhere
+            raise ProtocolError("invalid_voice", f"invalid voice {name!r}: not inside the voice directory")
+
+    def _unknown_voice_message(self, name: str) -> str:
+        # Our own message: the library's names the server's directories.
+        try:
+            voices = self.engine.list_voices()
+        except Exception:  # listing a remote repo may fail offline; the error is still clear
+            voices = []
+        close = difflib.get_close_matches(name, voices, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"unknown voice {name[:80]!r}{hint}; GET /api/voices lists the available voices"
+
+    async def _open(self, options: SessionOptions) -> StreamingSession:
+        if options.voice is not None:
+            bare = self._check_voice_name(options.voice)
+            await asyncio.to_thread(self._resolve_voice, bare)
+            options = replace(options, voice=bare)
+        try:
+            return self.engine.open_session(options)
+        except VoiceNotFoundError:
+            raise ProtocolError("unknown_voice", self._unknown_voice_message(options.voice or "")) from None
+        except EngineFullError as e:
+            raise ProtocolError("no_free_channels", f"no free channels: {e}") from None
+        except InvalidInputError as e:
+            raise ProtocolError("bad_request", str(e)) from None
+        except EngineFailure as e:
+            raise ProtocolError("engine_error", str(e)) from None
+
+    @staticmethod
+    async def _events(session: StreamingSession) -> AsyncIterator[AudioChunk | WordTiming]:
+        """The session's events, with engine errors turned into protocol errors."""
+        try:
+            async for event in session:
+                yield event
+        except EngineTimeoutError as e:
+            raise ProtocolError("queue_timeout", str(e)) from None
+        except EngineFailure as e:
+            raise ProtocolError("engine_error", str(e)) from None
+
+    def _http_error(self, e: ProtocolError) -> web.Response:
+        self.metrics.errors[e.code] += 1
+        body = {"type": "Error", "message": e.message, "code": e.code}
+        return web.json_response(body, status=e.http_status)
+
+    # -- websocket route ----------------------------------------------------------------------
+
+    async def _ws_handler(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            compress=False,  # float audio does not compress; deflate would only cost CPU
+            # aiohttp's own limit (it closes with 1009) is a backstop above ours, so that a message over
+            # our limit gets a protocol Error first.
+            max_msg_size=4 * self.limits.max_message_bytes,
+            heartbeat=self.limits.heartbeat_s,
+            timeout=self.limits.close_timeout_s,
+        )
+        try:
+            key = self._authenticate(request)
+            fmt = request.query.get("format") or "PcmMessagePack"
+            if fmt not in FORMATS:
+                raise ProtocolError(
+                    "bad_request",
+                    f"unsupported format {fmt[:40]!r}: this server sends {' or '.join(FORMATS)}",
+                )
+            if not ws.can_prepare(request).ok:
+                raise ProtocolError(
+                    "bad_request", f"{STREAMING_PATH} is a websocket route; POST to {HTTP_PATH}"
+                )
+        except ProtocolError as e:
+            return self._http_error(e)
+        await ws.prepare(request)
+        conn = _Connection(ws, fmt == "PcmMessagePack", self.limits)
+        self.metrics.connections += 1
+        try:
+            with self._key_slot(key):
+                session = await self._open(self._options(request.query))
+                await self._ws_serve(conn, session)
+        except ProtocolError as e:
+            self.metrics.errors[e.code] += 1
+            await conn.fail(e)
+        except _ClientGone:
+            pass
+        except Exception:
+            logger.exception("websocket session failed")
+            self.metrics.errors["internal_error"] += 1
+            await conn.fail(ProtocolError("internal_error", "internal server error"))
+        finally:
+            self.metrics.connections -= 1
+        return ws
+
+    async def _ws_serve(self, conn: _Connection, session: StreamingSession) -> None:
+        self.metrics.sessions["started"] += 1
+        reader = writer = None
+        try:
+            await conn.send_message({"type": "Ready"})
+            writer = asyncio.create_task(self._ws_write(conn, session))
+            reader = asyncio.create_task(self._ws_read(conn, session))
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if writer in done and writer.exception() is None:
+                # All audio sent. Stop reading first: aiohttp's close() from another task than a pending
+                # receive() drops the TCP connection without waiting for the client's close frame, and a
+                # client still reading buffered audio would then see an abnormal close (1006).
+                await _stop(reader)
+                await conn.close(1000, b"")
+                self.metrics.sessions["completed"] += 1
+                return
+            session.cancel()  # client gone or protocol error: free the engine slot now
+            for task in (reader, writer):
+                if task in done and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            self.metrics.sessions["cancelled"] += 1
+        finally:
+            session.cancel()
+            await _stop(reader)
+            await _stop(writer)
+
+    async def _ws_read(self, conn: _Connection, session: StreamingSession) -> None:
+        """Client messages -> the session. Returns when the client closes; raises ProtocolError."""
+        limits = self.limits
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.max_session_s
+        flushed = False
+        chars = 0
+        while True:
+            left = deadline - loop.time()
+            timeout = left if flushed else min(left, limits.idle_timeout_s)
+            try:
+                msg = await conn.ws.receive(timeout=max(timeout, 0.0))
+            except asyncio.TimeoutError:
+                if loop.time() >= deadline:
+                    raise ProtocolError(
+                        "session_too_long", f"session exceeded {limits.max_session_s:g} s"
+                    ) from None
+                raise ProtocolError(
+                    "idle_timeout",
+                    f"no message for {limits.idle_timeout_s:g} s: send Eos when the text is complete",
+                ) from None
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.ERROR:
+                # aiohttp already closed the socket with a reason (e.g. 1009 over its backstop limit)
+                raise _ClientGone()
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                continue
+            kind, text = self._parse(msg.type, msg.data)
+            if kind == "eos":
+                if not flushed:
+                    session.flush()
+                    flushed = True
+                continue
+            if flushed:
+                raise ProtocolError(
+                    "text_after_eos", "Text after Eos: open a new connection for a new utterance"
+                )
+            chars += len(text)
+            if chars > limits.max_text_chars:
+                raise ProtocolError(
+                    "text_too_long",
+                    f"text exceeds the limit of {limits.max_text_chars} characters per session",
+                )
+            if text:
+                # moshi-server splits each message into whole words: the end of a message ends a word.
+                session.push_text(text + " ")
+
+    def _parse(self, kind: WSMsgType, data: str | bytes) -> tuple[str, str]:
+        size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
+        if size > self.limits.max_message_bytes:
+            raise ProtocolError(
+                "message_too_large",
+                f"message of {size} bytes exceeds the limit of {self.limits.max_message_bytes} bytes",
+            )
+        if kind == WSMsgType.TEXT:
+            return "text", str(data)
+        assert isinstance(data, bytes)
+        if data == b"\0":
+            return "eos", ""
+        try:
+            obj = msgpack.unpackb(data, raw=False)
+        except Exception:
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+            raise ProtocolError(
+                "malformed_message", "malformed message: expected a msgpack map with a 'type'"
+            )
+        if obj["type"] == "Eos":
+            return "eos", ""
+        if obj["type"] == "Text":
+            text = obj.get("text")
+            if not isinstance(text, str):
+                raise ProtocolError("malformed_message", "malformed Text message: 'text' must be a string")
+            return "text", text
+        if obj["type"] == "Voice":
+            raise ProtocolError(
+                "unsupported",
+                "Voice messages (custom voice embeddings) are not supported by this server; pass a voice "
+                "name in the voice query parameter",
+            )
+        raise ProtocolError(
+            "malformed_message", f"unknown message type {obj['type'][:40]!r}: expected Text or Eos"
+        )
+
+    async def _ws_write(self, conn: _Connection, session: StreamingSession) -> None:
+        async for event in self._events(session):
+            if isinstance(event, AudioChunk):
+                if conn.msgpack:
+                    await conn.send(_pack_audio(event.pcm))
+                else:
+                    await conn.send(event.pcm.astype("<f4").tobytes())
+                self.metrics.audio_seconds += len(event.pcm) / SAMPLE_RATE
+            elif conn.msgpack:
+                await conn.send_message(
+                    {"type": "Text", "text": event.word, "start_s": event.start_s, "stop_s": event.end_s}
+                )
+
+    # -- HTTP routes --------------------------------------------------------------------------
+
+    async def _http_handler(self, request: web.Request) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        try:
+            key = self._authenticate(request)
+            params, text = await self._read_body(request)
+            fmt = str(params.get("format") or "wav")
+            if fmt not in HTTP_FORMATS:
+                raise ProtocolError(
+                    "bad_request", f"unsupported format {fmt[:40]!r}: use {', '.join(HTTP_FORMATS)}"
+                )
+            with self._key_slot(key):
+                session = await self._open(self._options(params))
+                self.metrics.sessions["started"] += 1
+                try:
+                    session.push_text(text)
+                    session.flush()
+                    events = self._events(session)
+                    # Wait for the first event before sending headers, so that a queue timeout or an
+                    # engine error still gets a proper status.
+                    first = await anext(events, None)
+                    response = web.StreamResponse(headers={"Content-Type": HTTP_FORMATS[fmt]})
+                    response.enable_chunked_encoding()
+                    await response.prepare(request)
+                    if fmt == "wav":
+                        await self._write(response, _wav_header())
+                    if first is not None:
+                        await self._write_event(response, first, fmt)
+                    async for event in events:
+                        await self._write_event(response, event, fmt)
+                    await response.write_eof()
+                    self.metrics.sessions["completed"] += 1
+                    return response
+                finally:
+                    session.cancel()
+        except ProtocolError as e:
+            if response is None:
+                return self._http_error(e)
+            # Headers are gone: the only way to tell the client is to end the stream uncleanly.
+            self.metrics.errors[e.code] += 1
+            self.metrics.sessions["failed"] += 1
+            logger.warning("HTTP synthesis failed mid-stream: %s", e.message)
+            response.force_close()
+            return response
+        except _ClientGone:
+            self.metrics.sessions["cancelled"] += 1
+            assert response is not None
+            return response
+        except Exception:
+            logger.exception("HTTP synthesis failed")
+            if response is None:
+                return self._http_error(ProtocolError("internal_error", "internal server error"))
+            response.force_close()
+            return response
+
+    async def _read_body(self, request: web.Request) -> tuple[dict[str, Any], str]:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ProtocolError(
+                "message_too_large",
+                f"request body exceeds the limit of {self.limits.max_message_bytes} bytes",
+            ) from None
+        params: dict[str, Any] = dict(request.query)
+        if request.content_type == "application/json":
+            try:
+                obj = json.loads(body)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ProtocolError("malformed_message", 'malformed JSON body: expected {"text": "...", ...}')
+            text = obj.pop("text")
+            params.update(obj)
+        else:
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("malformed_message", "the body is not UTF-8 text") from None
+        if len(text) > self.limits.max_text_chars:
+            raise ProtocolError(
+                "text_too_long",
+                f"text exceeds the limit of {self.limits.max_text_chars} characters per session",
+            )
+        return params, text
+
+    async def _write_event(
+        self, response: web.StreamResponse, event: AudioChunk | WordTiming, fmt: str
+    ) -> None:
+        if not isinstance(event, AudioChunk):
+            return
+        if fmt == "pcm_f32le":
+            data = event.pcm.astype("<f4").tobytes()
+        else:
+            data = event.pcm16()
+        await self._write(response, data)
+        self.metrics.audio_seconds += len(event.pcm) / SAMPLE_RATE
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(response.write(data), self.limits.send_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError("slow_reader", "the client is not reading the audio") from None
+        except (ConnectionError, RuntimeError):  # client went away (aiohttp raises either)
+            raise _ClientGone() from None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok",
+                "sessions": self.engine.active_sessions,
+                "slots": self.engine.max_sessions,
+                "connections": self.metrics.connections,
+                "sample_rate": SAMPLE_RATE,
+            }
+        )
+
+    async def _voices(self, request: web.Request) -> web.Response:
+        try:
+            self._authenticate(request)
+        except ProtocolError as e:
+            return self._http_error(e)
+        voices = await asyncio.to_thread(self.engine.list_voices)
+        return web.json_response({"voices": voices, "default": self.engine.default_voice})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        try:
+            self._authenticate(request)
+        except ProtocolError as e:
+            return self._http_error(e)
+        return web.Response(text=self.metrics.render(self.engine), content_type="text/plain")
+
+
+class _Connection:
+    """One websocket and its format, with bounded sends and a single final Error/close."""
+
+    def __init__(self, ws: web.WebSocketResponse, use_msgpack: bool, limits: ServerLimits) -> None:
+        self.ws = ws
+        self.msgpack = use_msgpack
+        self.send_timeout_s = limits.send_timeout_s
+        self.close_timeout_s = limits.close_timeout_s
+
+    async def send(self, data: bytes) -> None:
+        if self.ws.closed:
+            raise _ClientGone()
+        try:
+            await asyncio.wait_for(self.ws.send_bytes(data), self.send_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError(
+                "slow_reader", f"the client did not read audio for {self.send_timeout_s:g} s"
+            ) from None
+        except (ConnectionError, RuntimeError):  # aiohttp: "Cannot write to closing transport"
+            raise _ClientGone() from None
+
+    async def send_message(self, message: Mapping[str, Any]) -> None:
+        if self.msgpack:  # the raw Pcm format carries audio only (as moshi-server)
+            await self.send(_pack(message))
+
+    async def close(self, code: int, reason: bytes) -> None:
+        if not self.ws.closed:
+            try:
+                await asyncio.wait_for(self.ws.close(code=code, message=reason), self.close_timeout_s + 1)
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                pass
+
+    async def fail(self, error: ProtocolError) -> None:
+        """Tell the client what went wrong (Error message, then the close reason), then close."""
+        if self.ws.closed:
+            return
+        if self.msgpack:
+            try:
+                message = {"type": "Error", "message": error.message, "code": error.code}
+                await asyncio.wait_for(self.ws.send_bytes(_pack(message)), 2.0)
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                pass
+        await self.close(error.close_code, _close_reason(error.message))
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel `task` and wait for it, whatever it ended with (its outcome was handled or is moot)."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait([task], timeout=5.0)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+def _wav_header() -> bytes:
+    """A 16-bit mono WAV header of unknown length (sizes 0xFFFFFFFF, as moshi-server streams it)."""
+    unknown = 0xFFFFFFFF
+    return (
+        b"RIFF"
+        + struct.pack("<I", unknown)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", unknown)
+    )
+
+
+# -- running it ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    """A server started with `start_server` (tests, benchmarks, embedding in another app)."""
+
+    server: TTSServer
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_server(
+    engine: TTSEngine,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_keys: Sequence[str] = (),
+    limits: ServerLimits | None = None,
+) -> RunningServer:
+    """Serve `engine` on the running event loop; port 0 picks a free port."""
+    server = TTSServer(engine, api_keys=api_keys, limits=limits)
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    return RunningServer(server, runner, host, int(bound))
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `kyutai-tts serve`."""
+    from .checkpoint import DEFAULT_MODEL_REPO, DEFAULT_VOICE, DEFAULT_VOICE_REPO
+
+    d = ServerLimits()
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL_REPO, help=f"HF repo or local directory ({DEFAULT_MODEL_REPO})"
+    )
+    parser.add_argument(
+        "--voice-repo",
+        default=DEFAULT_VOICE_REPO,
+        help=f"HF repo or local directory of voices ({DEFAULT_VOICE_REPO})",
+    )
+    parser.add_argument("--default-voice", default=DEFAULT_VOICE, help="voice used when a client names none")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080, as moshi-server)")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted API key (repeatable). Prefer KYUTAI_TTS_API_KEYS (comma-separated) or --api-key-file: "
+        "command lines are visible to other users. No key: no authentication",
+    )
+    parser.add_argument("--api-key-file", type=Path, help="file with one accepted API key per line")
+    parser.add_argument("--max-sessions", type=int, default=8, help="engine slots (batch size, default 8)")
+    parser.add_argument("--max-waiting", type=int, default=16, help="sessions queued for a slot (default 16)")
+    parser.add_argument(
+        "--queue-timeout", type=float, default=30.0, help="seconds a session may wait for a slot"
+    )
+    parser.add_argument(
+        "--max-buffered",
+        type=float,
+        default=10.0,
+        help="seconds of audio generated ahead of a slow client before its session pauses (default 10)",
+    )
+    parser.add_argument(
+        "--max-message-bytes", type=int, default=d.max_message_bytes, help="largest client message"
+    )
+    parser.add_argument("--max-text-chars", type=int, default=d.max_text_chars, help="text per session")
+    parser.add_argument(
+        "--max-sessions-per-key",
+        type=int,
+        default=d.max_sessions_per_key,
+        help="concurrent sessions per API key",
+    )
+    parser.add_argument(
+        "--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds without a message before Eos"
+    )
+    parser.add_argument("--max-session-seconds", type=float, default=d.max_session_s, help="longest session")
+    parser.add_argument(
+        "--send-timeout", type=float, default=d.send_timeout_s, help="seconds a client may stall reading"
+    )
+    parser.add_argument("--num-threads", type=int, help="torch CPU threads")
+
+
+def api_keys_from(args: argparse.Namespace) -> list[str]:
+    keys = [k for k in args.api_key if k]
+    env = os.environ.get("KYUTAI_TTS_API_KEYS", "")
+    keys += [k.strip() for k in env.split(",") if k.strip()]
+    if args.api_key_file is not None:
+        lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return keys
+
+
+def limits_from(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(
+        max_message_bytes=args.max_message_bytes,
+        max_text_chars=args.max_text_chars,
+        max_sessions_per_key=args.max_sessions_per_key,
+        idle_timeout_s=args.idle_timeout,
+        max_session_s=args.max_session_seconds,
+        send_timeout_s=args.send_timeout,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """`kyutai-tts serve`: load the engine, serve until interrupted."""
+    from .engine import TTSEngine
+
+    keys = api_keys_from(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        print(
+            f"kyutai-tts serve: warning: listening on {args.host} without an API key: anyone who can reach "
+            "this port can use the engine (set KYUTAI_TTS_API_KEYS)",
+            file=sys.stderr,
+        )
+    engine = TTSEngine.from_pretrained(
+        args.model,
+        voice_repo=args.voice_repo,
+        default_voice=args.default_voice,
+        device=args.device,
+        dtype=args.dtype,
+        num_threads=args.num_threads,
+        max_sessions=args.max_sessions,
+        max_waiting=args.max_waiting,
+        queue_timeout_s=args.queue_timeout,
+        max_buffered_s=args.max_buffered,
+    )
+    server = TTSServer(engine, api_keys=keys, limits=limits_from(args))
+    auth = f"{len(keys)} API key(s)" if keys else "no authentication"
+    try:
+        web.run_app(
+            server.app(),
+            host=args.host,
+            port=args.port,
+            access_log=None,
+            shutdown_timeout=5.0,
+            print=lambda *_: print(
+                f"kyutai-tts serve: ws://{args.host}:{args.port}{STREAMING_PATH} ({auth}, "
+                f"{args.max_sessions} slots); Ctrl+C to stop",
+                file=sys.stderr,
+            ),
+        )
+    finally:
+        engine.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m kyutai_tts_plugin.server` (the same as `kyutai-tts serve`)."""
+    parser = argparse.ArgumentParser(prog="kyutai-tts serve", description=__doc__.splitlines()[0])
+    add_serve_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
