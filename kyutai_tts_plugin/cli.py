@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(run=_make_test_checkpoint)
 
-    serve = sub.add_parser("serve", help="serve one engine to many agent workers (Kyutai moshi-server protocol)")
+    serve = sub.add_parser(
+        "serve", help="serve one engine to many agent workers (Kyutai moshi-server protocol)"
+    )
     try:
         from .server import add_serve_arguments, run_serve
     except ImportError:  # aiohttp / msgpack come with the `server` extra
