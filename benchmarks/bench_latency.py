@@ -162,7 +162,8 @@ def main() -> None:
     med = statistics.median
     label = args.dtype + (" + int8 weights (ours)" if args.quantize else "")
     lines = [
-        f"### First audio and memory per session, real-size random weights, {label}, n_q {args.n_q}, {date.today()}",
+        f"### First audio and memory per session, real-size random weights, {label}, n_q {args.n_q}, "
+        f"{date.today()}",
         "",
         f"Command: `python benchmarks/bench_latency.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
