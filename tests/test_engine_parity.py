@@ -270,3 +270,25 @@ def test_every_real_checkpoint_name_is_known():
 
     ref_names = {k: tuple(v.shape) for k, v in _moshi_name_to_checkpoint(ref.state_dict()).items()}
     assert ref_names == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+
+
+def test_dialog_and_breaks_match_moshi(oracle, engine):
+    turns = ["hello there, how are you?", 'fine <break time="0.5s"/> thanks, and you?', "great."]
+    tts = oracle.load_moshi(n_q=8, temp=0.0)
+    entries = tts.prepare_script(turns, padding_between=1)
+    attrs = tts.make_condition_attributes(
+        [oracle.voice_path(VOICES[1]), oracle.voice_path(VOICES[2])], cfg_coef=2.0
+    )
+    result = tts.generate([entries], [attrs])
+    session = engine.open_session(
+        SessionOptions(n_q=8, temperature=0.0, voice=VOICES[1], other_voice=VOICES[2])
+    )
+    for i, turn in enumerate(turns):
+        if i:
+            session.next_turn()
+        session.push_text(turn)
+    session.flush()
+    collect(session)
+    assert_same_run(session, result, 8)
+    consumed = session.run.dsm_state.consumption_steps
+    assert len(consumed) == len(entries)  # the pause entry is consumed like a word
