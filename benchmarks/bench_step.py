@@ -46,7 +46,7 @@ def build(dtype: torch.dtype):
     return ref, ours
 
 
-def time_moshi(ref, batch: int, n_q: int, steps: int) -> list[float]:
+def moshi_steps(ref, batch: int, n_q: int):
     from moshi.conditioners import ConditionAttributes, TensorCondition
     from moshi.models.lm import LMGen
 
@@ -60,17 +60,17 @@ def time_moshi(ref, batch: int, n_q: int, steps: int) -> list[float]:
     cond = ref.condition_provider.prepare_and_provide([attrs] * batch)
     gen = LMGen(ref, temp=0.6, temp_text=0.6, condition_tensors=cond)
     inp = torch.full((batch, ref.n_q - n_q, 1), -1, dtype=torch.long)
-    out = []
-    with gen.streaming(batch), torch.no_grad():
-        for _ in range(steps + 2):
-            t0 = time.perf_counter()
-            gen.step(inp)
-            out.append(time.perf_counter() - t0)
-    ref.dep_q = ref.n_q
-    return out[2:]
+    try:
+        with gen.streaming(batch), torch.no_grad():
+            while True:
+                t0 = time.perf_counter()
+                gen.step(inp)
+                yield time.perf_counter() - t0
+    finally:
+        ref.dep_q = ref.n_q
 
 
-def time_ours(ours: LMModel, batch: int, n_q: int, steps: int) -> list[float]:
+def our_steps(ours: LMModel, batch: int, n_q: int):
     from kyutai_tts_plugin.sampling import sample_token
 
     state = LMState(ours, batch)
@@ -84,15 +84,26 @@ def time_ours(ours: LMModel, batch: int, n_q: int, steps: int) -> list[float]:
     def sample(q: int, logits: torch.Tensor) -> torch.Tensor:
         return torch.tensor([sample_token(logits[i], 0.6, 250, gens[i]) for i in range(batch)])
 
-    out = []
-    for t in range(steps + 2):
+    t = 0
+    while True:
         t0 = time.perf_counter()
         pos = torch.full((batch,), t, dtype=torch.long)
         hidden, logits = backbone_step(ours, state, rows, tokens, pos, cond, [(kv, torch.arange(batch))])
         text = torch.tensor([sample_token(logits[i], 0.6, 25, gens[i]) for i in range(batch)])
         depformer_step(ours, hidden, text, n_q, sample)
-        out.append(time.perf_counter() - t0)
-    return out[2:]
+        t += 1
+        yield time.perf_counter() - t0
+
+
+def alternate(ref, ours: LMModel, batch: int, n_q: int, steps: int) -> tuple[float, float]:
+    """Median ms/step of each engine, stepping them alternately so machine noise hits both alike."""
+    m_it, o_it = moshi_steps(ref, batch, n_q), our_steps(ours, batch, n_q)
+    m, o = [], []
+    for _ in range(steps + 2):
+        m.append(next(m_it))
+        o.append(next(o_it))
+    m_it.close()
+    return statistics.median(m[2:]) * 1000, statistics.median(o[2:]) * 1000
 
 
 def main() -> None:
@@ -118,8 +129,7 @@ def main() -> None:
     rows = []
     for batch in args.batch:
         for n_q in args.n_q:
-            m = statistics.median(time_moshi(ref, batch, n_q, args.steps)) * 1000
-            o = statistics.median(time_ours(ours, batch, n_q, args.steps)) * 1000
+            m, o = alternate(ref, ours, batch, n_q, args.steps)
             rows.append((batch, n_q, o, m))
             print(
                 f"batch {batch:3d} n_q {n_q:2d}: ours {o:8.1f} ms/step  moshi {m:8.1f} ms/step  "
@@ -133,7 +143,7 @@ def main() -> None:
         f"Command: `python benchmarks/bench_step.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads. Median of {args.steps} steps "
-        "after 2 warm-up steps; both engines in one process, same weights, alternating per row.",
+        "after 2 warm-up steps; both engines in one process, same weights, stepped alternately.",
         "",
         "| batch | n_q | ours ms/step | moshi LMGen ms/step | moshi / ours |",
         "|---:|---:|---:|---:|---:|",
