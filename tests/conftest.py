@@ -26,3 +26,17 @@ def tiny_engine(tiny_checkpoint: Path) -> Iterator[object]:
     engine = TTSEngine.from_pretrained(tiny_checkpoint, voice_repo=tiny_checkpoint / "voices", max_sessions=4)
     yield engine
     engine.close()
+
+
+@pytest.fixture(params=["in-process", "remote"])
+async def backend(request: pytest.FixtureRequest, tiny_engine):
+    """The adapters' backend: the engine itself, or `RemoteTTS` talking to our server over loopback."""
+    if request.param == "in-process":
+        yield tiny_engine
+        return
+    from kyutai_tts_plugin.remote import RemoteTTS
+    from kyutai_tts_plugin.server import start_server
+
+    server = await start_server(tiny_engine)
+    yield RemoteTTS(server.url)
+    await server.close()
