@@ -173,3 +173,11 @@ def test_prewarm_never_blocks(tiny_checkpoint):
     assert tts.model == str(tiny_checkpoint) and tts.provider == "kyutai"
     tts._loaded.wait(60)
     assert tts._engine is not None
+
+
+async def test_back_to_back_replies_do_not_mix(tiny_engine):
+    tts = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    first, second = "First reply here.", " And the second one!"
+    a, b = await asyncio.gather(run_stream(tts, tokens_of(first)), run_stream(tts, tokens_of(second)))
+    assert "".join(timed_words(a)) == first and "".join(timed_words(b)) == second
+    assert {ev.request_id for ev in a}.isdisjoint({ev.request_id for ev in b})
