@@ -3,50 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 from livekit import rtc
-from livekit.agents import Agent, AgentSession, llm
+from livekit.agents import Agent, AgentSession
 from livekit.agents.voice.io import AudioOutput, AudioOutputCapabilities, TextOutput
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
 from kyutai_tts_plugin.livekit import TTS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from livekit_agent import ScriptedLLM  # noqa: E402  (the example's LLM stand-in)
+
 REPLY = "Sure, here is the weather for today."
-
-
-class ScriptedLLM(llm.LLM):
-    """A test double of the LLM: streams a fixed reply as small deltas, some split mid-word."""
-
-    def __init__(self, reply: str, delay: float = 0.03) -> None:
-        super().__init__()
-        self.reply, self.delay = reply, delay
-        self.deltas: list[tuple[float, str]] = []
-        self.finished_at: float | None = None
-
-    def chat(self, *, chat_ctx: llm.ChatContext, tools=None, conn_options=None, **_: object) -> llm.LLMStream:
-        from livekit.agents import DEFAULT_API_CONNECT_OPTIONS
-
-        return _ScriptedStream(
-            self,
-            chat_ctx=chat_ctx,
-            tools=tools or [],
-            conn_options=conn_options or DEFAULT_API_CONNECT_OPTIONS,
-        )
-
-
-class _ScriptedStream(llm.LLMStream):
-    async def _run(self) -> None:
-        scripted: ScriptedLLM = self._llm  # type: ignore[assignment]
-        text = scripted.reply
-        for i in range(0, len(text), 3):
-            delta = text[i : i + 3]
-            scripted.deltas.append((time.monotonic(), delta))
-            self._event_ch.send_nowait(
-                llm.ChatChunk(id="scripted", delta=llm.ChoiceDelta(role="assistant", content=delta))
-            )
-            await asyncio.sleep(scripted.delay)
-        scripted.finished_at = time.monotonic()
 
 
 class PlayoutSink(AudioOutput):
