@@ -9,12 +9,14 @@ Callers never block on the model: ``push_text``/``flush``/``cancel`` only queue 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -350,6 +352,7 @@ class TTSEngine:
         self._record_tokens = False
         self._worker = threading.Thread(target=self._loop, name="kyutai-tts-engine", daemon=True)
         self._worker.start()
+        _open_engines.add(self)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -469,6 +472,7 @@ class TTSEngine:
         return _collect(session, None)
 
     def close(self) -> None:
+        """Stop the worker thread; open sessions end with `EngineFailure`. Idempotent."""
         with self._cv:
             self._closed = True
             sessions = [s for s in self._slots if s is not None] + list(self._waiting)
@@ -788,6 +792,16 @@ def _collect(session: StreamingSession, on_chunk: Callable[[AudioChunk], None] |
             words.append(event)
     audio = np.concatenate(pcm) if pcm else np.zeros(0, dtype=np.float32)
     return Synthesis(audio.astype(np.float32, copy=False), SAMPLE_RATE, words)
+
+
+# A daemon thread still inside torch when the interpreter exits aborts the process: stop them first.
+_open_engines: weakref.WeakSet[TTSEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_open_engines):
+        engine.close()
 
 
 _shared: dict[tuple[Any, ...], TTSEngine] = {}
