@@ -82,8 +82,11 @@ def test_text_after_flush_or_cancel_is_refused(tiny_engine):
     cancelled.cancel()
     with pytest.raises(SessionClosedError, match="was cancelled; open a new session for new text"):
         cancelled.push_text("hello")
+    typed = tiny_engine.open_session(GREEDY)
     with pytest.raises(InvalidInputError, match="push_text expects a str"):
-        tiny_engine.open_session(GREEDY).push_text(b"bytes")  # type: ignore[arg-type]
+        typed.push_text(b"bytes")  # type: ignore[arg-type]
+    typed.cancel()
+    assert tiny_engine.active_sessions == 0
 
 
 def test_bad_session_does_not_disturb_a_running_one(tiny_engine):

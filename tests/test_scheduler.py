@@ -63,7 +63,7 @@ def test_random_joins_cancels_and_word_arrivals(tiny_checkpoint):
         for i, (text, opts, cancel, _, _) in enumerate(plans):
             if not cancel:
                 s = engine.open_session(opts)
-                s.push_text(text)
+                s.push_text(text + " ")  # the streamed run below sends each word with a space
                 s.flush()
                 solo[i] = (drain(s), tokens(s))
 
