@@ -13,11 +13,12 @@ from typing import Any
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import torch  # noqa: E402
-from kyutai_tts_plugin.mimi import TINY_MIMI_CONFIG  # noqa: E402
-from kyutai_tts_plugin.testing import TINY_LM_CONFIG, train_test_tokenizer  # noqa: E402
 from moshi.models import loaders  # noqa: E402
 from moshi.models.tts import TTSModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+
+from kyutai_tts_plugin.mimi import TINY_MIMI_CONFIG  # noqa: E402
+from kyutai_tts_plugin.testing import TINY_LM_CONFIG, train_test_tokenizer  # noqa: E402
 
 VOICES = (
     "expresso/ex03-ex01_happy_001_channel1_334s.wav",
