@@ -152,11 +152,8 @@ def main() -> None:
         ready = [first_audio(engine, opts, None) for _ in range(args.runs)]
         streamed = [first_audio(engine, opts, args.word_interval) for _ in range(args.runs)]
         kv_bytes = engine.lm_state.k.element_size() * (engine.lm_state.k.numel() + engine.lm_state.v.numel())
-        dec = engine.decoder
-        mimi_bytes = sum(
-            t.numel() * t.element_size()
-            for t in [dec.k, dec.v, dec.up_partial, *[s for s in dec.states if s is not None]]
-        )
+        buffers = engine.decoder.state.buffers.values()
+        mimi_bytes = sum(t.numel() * t.element_size() for t in buffers) / engine.max_sessions
         engine.close()
     ref_times = [moshi_first_audio(ref, ref_mimi, args.n_q) for _ in range(args.runs)]
     med = statistics.median
