@@ -1,4 +1,4 @@
-"""Pipecat adapter: `KyutaiTTSService` drops into a pipeline in place of any TTS service."""
+"""Kyutai streaming TTS as a Pipecat service."""
 
 from .tts import KyutaiTTSService, KyutaiTTSSettings
 

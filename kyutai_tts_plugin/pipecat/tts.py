@@ -1,21 +1,30 @@
-"""Pipecat service for Kyutai's streaming TTS.
+"""Pipecat service for Kyutai's streaming TTS (DSM, ``kyutai/tts-1.6b-en_fr``).
 
-Each Pipecat audio context (one LLM turn, or one ``TTSSpeakFrame``) is one engine session: LLM
-tokens go to the session as they stream (token aggregation: the engine's 3-word lookahead is the only
-wait), the end of the LLM response flushes it, and a consumer task turns the session's 80 ms chunks
-and word timings into audio frames and word timestamps on that context. Interruption cancels the
+Each Pipecat audio context (one LLM turn, or one ``TTSSpeakFrame``) is one engine session. LLM text
+reaches the session word by word as it streams, so the engine's own lookahead is the only wait; the
+end of the LLM response flushes the session; a consumer task turns the session's 80 ms chunks and
+word timings into audio frames and word timestamps on that context. An interruption cancels the
 session, which stops its audio and frees its engine slot at once.
+
+Why words rather than Pipecat's TOKEN mode: in TOKEN mode Pipecat regroups tokens into sentences and
+only releases the word frames of a sentence once the sentence has ended, so after an interruption in
+the middle of a sentence the assistant context misses every word of that sentence, even the ones
+that were heard. Handing Pipecat whole words instead (a word is complete once whitespace follows it;
+the engine cannot speak a partial word anyway) costs no latency and lets each word frame follow its
+audio, so the context holds exactly what was played.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import math
 import os
-from collections.abc import AsyncGenerator
+import re
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-
-from loguru import logger
 
 try:
     from pipecat.frames.frames import (
@@ -23,30 +32,45 @@ try:
         EndFrame,
         ErrorFrame,
         Frame,
+        InterruptionFrame,
         StartFrame,
         TTSAudioRawFrame,
         TTSStoppedFrame,
     )
+    from pipecat.processors.frame_processor import FrameDirection
     from pipecat.services.settings import NOT_GIVEN, TTSSettings
     from pipecat.services.tts_service import TextAggregationMode, TTSService
+    from pipecat.utils.errors import ErrorCategory
+    from pipecat.utils.text.base_text_aggregator import Aggregation, BaseTextAggregator, TextType
     from pipecat.utils.tracing.service_decorators import traced_tts
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError("the Pipecat adapter needs: pip install 'kyutai-tts-plugin[pipecat]'") from exc
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installed extras
+    raise ModuleNotFoundError(
+        f"{exc}. The Kyutai Pipecat service needs Pipecat: pip install 'kyutai-tts-plugin[pipecat]'"
+    ) from exc
 
-from ..checkpoint import DEFAULT_MODEL_REPO, DEFAULT_VOICE_REPO
-from ..errors import KyutaiTTSError
+from ..errors import (
+    EngineFailure,
+    EngineFullError,
+    EngineTimeoutError,
+    InvalidInputError,
+    KyutaiTTSError,
+)
 from ..types import FRAME_SIZE, SAMPLE_RATE, AudioChunk, SessionOptions, TTSBackend, TTSSession
+
+__all__ = ["KyutaiTTSService", "KyutaiTTSSettings"]
+
+_NUMERIC_FIELDS = ("cfg_coef", "temperature", "n_q", "padding_bonus")
 
 
 @dataclass
 class KyutaiTTSSettings(TTSSettings):
-    """Runtime settings (applied from the next utterance).
+    """Runtime settings of `KyutaiTTSService`; a change applies from the next utterance.
 
     Parameters:
-        cfg_coef: classifier-free-guidance strength the model was distilled for (1.0 to 4.0).
-        temperature: sampling temperature; 0 is greedy.
-        n_q: audio codebooks generated (fewer is faster, lower quality).
-        padding_bonus: > 0 speaks slower, < 0 faster.
+        cfg_coef: Classifier-free-guidance strength; the checkpoint accepts 1.0 to 4.0 in 0.5 steps.
+        temperature: Sampling temperature; 0 decodes greedily (deterministic).
+        n_q: Audio codebooks generated, 1 to 32; fewer is faster and rougher.
+        padding_bonus: Speaking pace: > 0 speaks slower (longer pauses), < 0 faster.
     """
 
     cfg_coef: float | Any = field(default_factory=lambda: NOT_GIVEN)
@@ -55,8 +79,67 @@ class KyutaiTTSSettings(TTSSettings):
     padding_bonus: float | Any = field(default_factory=lambda: NOT_GIVEN)
 
 
+class _WordAggregator(BaseTextAggregator):
+    """Cuts streamed LLM text into whole words: a word is complete once whitespace follows it."""
+
+    _WORD = re.compile(r"\S+(?=\s)")
+
+    def __init__(self, language: str | None = None) -> None:
+        super().__init__(aggregation_type=TextType.WORD, language=language)
+        self._text = ""
+
+    @property
+    def text(self) -> Aggregation:
+        return Aggregation(self._text.strip(), TextType.WORD)
+
+    async def aggregate(self, text: str) -> AsyncIterator[Aggregation]:
+        self._text += text
+        while (match := self._WORD.search(self._text)) is not None:
+            self._text = self._text[match.end() :]
+            yield Aggregation(match.group(), TextType.WORD)
+
+    async def flush(self) -> Aggregation | None:
+        rest, self._text = self._text.strip(), ""
+        return Aggregation(rest, TextType.WORD) if rest else None
+
+    async def handle_interruption(self) -> None:
+        self._text = ""
+
+    async def reset(self) -> None:
+        self._text = ""
+
+
+@dataclass
+class _Stream:
+    """The engine session behind one audio context."""
+
+    session: TTSSession | None  # None: it could not be opened (the error was reported)
+    consumer: asyncio.Task[None] | None = None
+    text: str = ""
+    flushed: bool = False  # the text is complete
+    done: bool = False  # the session's event stream ended (or it never opened)
+    got_audio: bool = False
+
+
 class KyutaiTTSService(TTSService):
-    """Kyutai DSM-TTS (``kyutai/tts-1.6b-en_fr``) in-process (or through `RemoteTTS`)."""
+    """Kyutai streaming TTS in-process (or through any `TTSBackend`, e.g. a `RemoteTTS`).
+
+    Drop it into a pipeline in place of any TTS service::
+
+        tts = KyutaiTTSService(settings=KyutaiTTSService.Settings(voice="vctk/p225_023.wav"))
+        pipeline = Pipeline([transport.input(), user_agg, llm, tts, transport.output(), assistant_agg])
+
+    The model loads once per process (shared by every service built with the same arguments), in a
+    background thread started by the constructor, so neither Pipecat's event loop nor the pipeline
+    start waits for it; the first utterance waits if it is not ready yet. Pass ``engine=`` to use an
+    engine (or a remote backend) loaded up front.
+
+    Audio is 24 kHz mono; the output transport resamples it to its own rate. Word timestamps drive
+    the text frames, so captions and the assistant context follow the audio, and after an
+    interruption the context holds the words that were played. A reply with nothing speakable (only
+    emoji, say) is voiced as one 80 ms frame of silence, so Pipecat does not take it for a failed
+    synthesis.
+    """
 
     Settings = KyutaiTTSSettings
     _settings: KyutaiTTSSettings
@@ -65,34 +148,53 @@ class KyutaiTTSService(TTSService):
         self,
         *,
         engine: TTSBackend | None = None,
-        model: str | os.PathLike[str] = DEFAULT_MODEL_REPO,
-        voice_repo: str | os.PathLike[str] = DEFAULT_VOICE_REPO,
+        model: str | os.PathLike[str] | None = None,
+        voice_repo: str | os.PathLike[str] | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         engine_kwargs: dict[str, Any] | None = None,
         settings: KyutaiTTSSettings | None = None,
-        text_aggregation_mode: TextAggregationMode = TextAggregationMode.TOKEN,
+        text_aggregation_mode: TextAggregationMode | None = None,
         **kwargs: Any,
     ) -> None:
-        """Create the service.
+        """Initialize the Kyutai TTS service.
 
         Args:
-            engine: a loaded `TTSEngine` (or a `RemoteTTS`). When None, the process-wide shared engine
-                for `model` is loaded in a thread during `setup`, never on the event loop.
-            model: Hugging Face repo id or local directory, used when `engine` is None.
-            voice_repo: voices repo id or local directory, used when `engine` is None.
-            device: "cpu" or "cuda", used when `engine` is None.
-            dtype: "float32" or "bfloat16", used when `engine` is None.
-            engine_kwargs: more `TTSEngine.from_pretrained` arguments (max_sessions, quantize, ...).
-            settings: runtime settings (voice, cfg_coef, temperature, n_q, padding_bonus).
-            text_aggregation_mode: TOKEN (default) hands every LLM token to the engine at once.
-            **kwargs: passed to `TTSService`.
+            engine: A loaded backend: a `TTSEngine`, or a remote client with the same interface.
+                When None, the process-wide shared engine for ``model`` is loaded in a background
+                thread (see `kyutai_tts_plugin.engine.shared_engine`).
+            model: Hugging Face repo id or local directory of the checkpoint, when ``engine`` is
+                None. Defaults to ``kyutai/tts-1.6b-en_fr``.
+            voice_repo: Hugging Face repo id or local directory of the voices, when ``engine`` is
+                None. Defaults to ``kyutai/tts-voices``.
+            device: Torch device for the engine, when ``engine`` is None ("cpu", "cuda").
+            dtype: Weights dtype for the engine, when ``engine`` is None ("float32", "bfloat16").
+            engine_kwargs: More `TTSEngine.from_pretrained` arguments (max_sessions, ...).
+            settings: Runtime settings (voice, cfg_coef, temperature, n_q, padding_bonus). Unset
+                fields keep the engine defaults. Later changes go through
+                ``TTSUpdateSettingsFrame(delta=KyutaiTTSService.Settings(...))``.
+            text_aggregation_mode: None (default) hands the engine each word as soon as it is
+                complete. ``TextAggregationMode.SENTENCE`` waits for whole sentences (more
+                latency). ``TextAggregationMode.TOKEN`` uses Pipecat's token streaming, whose
+                word frames wait for the end of each sentence (an interruption mid-sentence
+                then loses that sentence's words from the context).
+            **kwargs: Passed to `TTSService` (``name``, ``text_transforms``, ...).
+
+        Raises:
+            InvalidInputError: A setting has the wrong type or is out of range, or ``sample_rate``
+                is not the engine's 24 kHz.
         """
+        sample_rate = kwargs.pop("sample_rate", None)
+        if sample_rate not in (None, SAMPLE_RATE):
+            raise InvalidInputError(
+                f"KyutaiTTSService produces {SAMPLE_RATE} Hz audio; drop sample_rate={sample_rate} "
+                "(the output transport resamples to its own rate)"
+            )
         defaults = SessionOptions()
         store = KyutaiTTSSettings(
-            model=str(model) if engine is None else "kyutai-tts",
+            model=os.fspath(model) if model is not None else "kyutai/tts-1.6b-en_fr",
             voice=None,
-            language=None,
+            language=None,  # the model speaks English and French without being told which
             cfg_coef=defaults.cfg_coef,
             temperature=defaults.temperature,
             n_q=defaults.n_q,
@@ -100,64 +202,238 @@ class KyutaiTTSService(TTSService):
         )
         if settings is not None:
             store.apply_update(settings)
+        problem = _settings_problem(store)
+        if problem:
+            raise InvalidInputError(f"KyutaiTTSService settings: {problem}")
+        word_mode = text_aggregation_mode is None
         super().__init__(
-            text_aggregation_mode=text_aggregation_mode,
+            text_aggregation_mode=TextAggregationMode.SENTENCE if word_mode else text_aggregation_mode,
             push_text_frames=False,  # word timestamps drive the text frames
             push_start_frame=True,
-            push_stop_frames=True,
+            push_stop_frames=True,  # safety net; each context also gets an explicit stop frame
             pause_frame_processing=False,  # our audio always carries its context id
+            append_trailing_space=True,  # so consecutive words reach the engine separated
             sample_rate=SAMPLE_RATE,
             settings=store,
             **kwargs,
         )
+        self._word_aggregator: _WordAggregator | None = None
+        if word_mode:
+            # Pipecat has no word mode; its aggregator slot takes any BaseTextAggregator.
+            self._word_aggregator = _WordAggregator(self._text_aggregator.language)
+            self._text_aggregator = self._word_aggregator
         self._engine: TTSBackend | None = engine
-        self._engine_args = dict(
-            model=model, voice_repo=voice_repo, device=device, dtype=dtype, **(engine_kwargs or {})
-        )
-        self._sessions: dict[str, TTSSession] = {}
-        self._consumers: dict[str, asyncio.Task[None]] = {}
+        self._engine_future: concurrent.futures.Future[TTSBackend] | None = None
+        if engine is None:
+            engine_args: dict[str, Any] = {"device": device, "dtype": dtype, **(engine_kwargs or {})}
+            if model is not None:
+                engine_args["model"] = model
+            if voice_repo is not None:
+                engine_args["voice_repo"] = voice_repo
+            self._engine_future = _load_in_background(engine_args)
+        self._streams: dict[str, _Stream] = {}
+        self._last_good_options: SessionOptions | None = None
+        self._stopping = False
 
     @property
     def engine(self) -> TTSBackend | None:
+        """The backend, once loaded (None while the shared engine is still loading)."""
+        return self._engine
+
+    async def wait_until_ready(self) -> TTSBackend:
+        """Wait (without blocking the event loop) until the engine is loaded.
+
+        Returns:
+            The backend.
+
+        Raises:
+            KyutaiTTSError: The model could not be loaded (the message says why).
+        """
+        if self._engine is None:
+            assert self._engine_future is not None
+            self._engine = await asyncio.wrap_future(self._engine_future)
         return self._engine
 
     def can_generate_metrics(self) -> bool:
+        """Check if this service can generate processing metrics.
+
+        Returns:
+            True: TTFB, TTFA and usage metrics are reported.
+        """
         return True
 
     @property
     def supports_processing_metrics(self) -> bool:
-        return False  # run_tts returns before synthesis ends
+        """Whether processing time means anything: no, `run_tts` returns before synthesis ends."""
+        return False
 
-    async def setup(self, setup: Any) -> None:
-        await super().setup(setup)
-        if self._engine is None:
-            from ..engine import shared_engine
-
-            self._engine = await asyncio.to_thread(shared_engine, **self._engine_args)
+    #
+    # Lifecycle
+    #
 
     async def start(self, frame: StartFrame) -> None:
-        await super().start(frame)
-        if self._engine is None:  # setup was skipped (e.g. an unusual runner): load off the loop
-            from ..engine import shared_engine
+        """Start the service; the engine keeps loading in the background if it is not ready.
 
-            self._engine = await asyncio.to_thread(shared_engine, **self._engine_args)
+        Args:
+            frame: The start frame.
+        """
+        await super().start(frame)
+        self._stopping = False
 
     async def stop(self, frame: EndFrame) -> None:
-        # End open sessions first: the base waits for every open context to finish playing.
-        for session in list(self._sessions.values()):
-            session.flush()
+        """Finish the open utterances, then stop.
+
+        Args:
+            frame: The end frame.
+        """
+        # The base waits for every open audio context to finish playing, and a turn the LLM never
+        # ended would only end on the idle timeout: flush the sessions first. A partial word still
+        # waiting for its end is dropped, and no new session opens while stopping.
+        self._stopping = True
+        if self._word_aggregator is not None:
+            await self._word_aggregator.reset()
+        for context_id, stream in list(self._streams.items()):
+            await self._end_of_text(context_id, stream)
         await super().stop(frame)
         await self._release_all()
 
     async def cancel(self, frame: CancelFrame) -> None:
+        """Stop every utterance at once.
+
+        Args:
+            frame: The cancel frame.
+        """
+        self._stopping = True
         await self._release_all()
         await super().cancel(frame)
 
     async def cleanup(self) -> None:
+        """Release every engine session and task (idempotent)."""
         await super().cleanup()
         await self._release_all()
 
-    def _options(self) -> SessionOptions:
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Process a frame; after an interruption, also end sessions Pipecat no longer tracks.
+
+        Args:
+            frame: The frame to process.
+            direction: The direction of the frame.
+        """
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame):
+            # `on_audio_context_interrupted` covers every registered context; a session whose
+            # context Pipecat already ended (idle timeout) would otherwise keep its slot.
+            live = set(self.get_audio_contexts())
+            for context_id in [c for c in self._streams if c not in live]:
+                await self._release(context_id)
+
+    #
+    # Synthesis
+    #
+
+    @traced_tts
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        """Hand text (a word, a sentence or a whole speak request) to the context's session.
+
+        Args:
+            text: The text to speak.
+            context_id: The audio context (one LLM turn or one speak request).
+
+        Yields:
+            None: the audio arrives from the session's consumer task.
+        """
+        stream = self._streams.get(context_id)
+        if stream is None:
+            if self._stopping:
+                yield None
+                return
+            try:
+                stream = await self._open(context_id)
+            except Exception as exc:
+                # The rest of this context's text is ignored; the context closes when its text ends
+                # (closing it now would let the next word reopen it and fail again).
+                await self.push_error_frame(_error_frame(exc))
+                self._streams[context_id] = _Stream(session=None, done=True)
+                yield None
+                return
+        if stream.session is not None and not stream.done and not stream.flushed:
+            try:
+                stream.session.push_text(text)
+            except Exception as exc:  # e.g. a remote session whose connection dropped
+                await self.push_error_frame(_error_frame(exc))
+                stream.session.cancel()
+                stream.done = True
+            else:
+                stream.text += text
+        yield None
+
+    async def flush_audio(self, context_id: str | None = None) -> None:
+        """The text of this context is complete: the session speaks the rest, then ends.
+
+        Args:
+            context_id: The context to flush.
+        """
+        stream = self._streams.get(context_id) if context_id else None
+        if stream is not None:
+            await self._end_of_text(context_id, stream)
+
+    async def on_turn_context_completed(self) -> None:
+        """End of an LLM turn or speak request: make sure its session is flushed."""
+        context_id = self._turn_context_id
+        await super().on_turn_context_completed()
+        # The base flushes only contexts still registered; one that ended on the idle timeout
+        # would keep its session (and engine slot) open forever.
+        stream = self._streams.get(context_id) if context_id else None
+        if stream is not None and not stream.flushed:
+            await self._end_of_text(context_id, stream)
+
+    async def on_audio_context_interrupted(self, context_id: str) -> None:
+        """Cancel the context's session: its audio stops and its engine slot is freed.
+
+        Args:
+            context_id: The interrupted context.
+        """
+        await self._release(context_id)
+        await super().on_audio_context_interrupted(context_id)
+
+    async def on_audio_context_completed(self, context_id: str) -> None:
+        """Forget a context that finished playing.
+
+        Args:
+            context_id: The completed context.
+        """
+        stream = self._streams.get(context_id)
+        if stream is not None and stream.done:
+            del self._streams[context_id]
+        await super().on_audio_context_completed(context_id)
+
+    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
+        """Apply a settings delta; bad values are reported and the previous ones kept.
+
+        Args:
+            delta: The settings delta.
+
+        Returns:
+            The changed fields with their previous values.
+        """
+        changed = await super()._update_settings(delta)
+        problem = _settings_problem(self._settings)
+        if problem:
+            for name, previous in changed.items():
+                setattr(self._settings, name, previous)
+            await self.push_error(
+                error_msg=f"Kyutai TTS: rejected settings update: {problem}; the previous settings stay",
+                category=ErrorCategory.APPLICATION,
+            )
+            return {}
+        self._warn_unhandled_updated_settings({"model", "language"} & changed.keys())
+        return changed
+
+    #
+    # Internals
+    #
+
+    def _session_options(self) -> SessionOptions:
         s = self._settings
         return SessionOptions(
             voice=s.voice or None,
@@ -167,73 +443,150 @@ class KyutaiTTSService(TTSService):
             padding_bonus=float(s.padding_bonus),
         )
 
-    @traced_tts
-    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
-        """Hand `text` (a token, a sentence or a whole speak request) to the context's session."""
+    async def _open(self, context_id: str) -> _Stream:
+        engine = await self.wait_until_ready()
+        options = self._session_options()
         try:
-            session = self._sessions.get(context_id)
-            if session is None:
-                assert self._engine is not None, "the engine is loaded in setup()"
-                session = self._engine.open_session(self._options())
-                self._sessions[context_id] = session
-                self._consumers[context_id] = self.create_task(
-                    self._consume(context_id, session), name=f"kyutai-tts-{context_id}"
-                )
-            session.push_text(text)
-        except KyutaiTTSError as exc:
-            yield ErrorFrame(error=f"Kyutai TTS: {exc}")
-            return
-        yield None
+            session = engine.open_session(options)
+        except InvalidInputError as exc:
+            good = self._last_good_options
+            if good is None or good == options:
+                raise
+            # A setting the engine rejects (unknown voice, unsupported cfg_coef...): keep talking
+            # with the last settings that worked, and say what to fix.
+            self._restore_settings(good)
+            await self.push_error(
+                error_msg=(
+                    f"Kyutai TTS: {exc}. Speaking with the previous settings (voice={good.voice}, "
+                    f"cfg_coef={good.cfg_coef}, n_q={good.n_q}); send a TTSUpdateSettingsFrame with "
+                    "a valid value"
+                ),
+                exception=exc,
+                category=ErrorCategory.APPLICATION,
+            )
+            options = good
+            session = engine.open_session(options)
+        self._last_good_options = options
+        stream = _Stream(session=session)
+        self._streams[context_id] = stream
+        stream.consumer = self.create_task(self._consume(context_id, stream), name=f"kyutai-tts-{context_id}")
+        return stream
 
-    async def flush_audio(self, context_id: str | None = None) -> None:
-        """End of text for this context: speak the rest, then the context closes."""
-        session = self._sessions.get(context_id) if context_id else None
-        if session is not None:
-            session.flush()
+    def _restore_settings(self, options: SessionOptions) -> None:
+        self._settings.voice = options.voice
+        for name in _NUMERIC_FIELDS:
+            setattr(self._settings, name, getattr(options, name))
 
-    async def on_audio_context_interrupted(self, context_id: str) -> None:
-        await self._release(context_id)
-        await super().on_audio_context_interrupted(context_id)
-
-    async def _consume(self, context_id: str, session: TTSSession) -> None:
-        spoke = False
+    async def _consume(self, context_id: str, stream: _Stream) -> None:
+        """Move the session's audio and word timings into its audio context, in order."""
+        assert stream.session is not None
+        got_audio = False
         try:
-            async for event in session:
+            async for event in stream.session:
                 if isinstance(event, AudioChunk):
-                    spoke = True
-                    frame = TTSAudioRawFrame(event.pcm16(), SAMPLE_RATE, 1, context_id=context_id)
-                    await self.append_to_audio_context(context_id, frame)
+                    got_audio = True
+                    audio = TTSAudioRawFrame(event.pcm16(), SAMPLE_RATE, 1, context_id=context_id)
+                    await self.append_to_audio_context(context_id, audio)
                 else:
-                    await self.add_word_timestamps([(event.word, event.start_s)], context_id)
-            if not spoke:
-                # Nothing speakable (only emoji or punctuation): close with 80 ms of silence, or Pipecat
-                # counts a failed synthesis and eventually marks the service unusable.
-                silence = TTSAudioRawFrame(bytes(2 * FRAME_SIZE), SAMPLE_RATE, 1, context_id=context_id)
-                await self.append_to_audio_context(context_id, silence)
-        except KyutaiTTSError as exc:
-            await self.push_error(error_msg=f"Kyutai TTS: {exc}", exception=exc)
-        finally:
-            if self._sessions.get(context_id) is session:
-                del self._sessions[context_id]
-                self._consumers.pop(context_id, None)
-                if self.audio_context_available(context_id):
-                    await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
-                    await self.remove_audio_context(context_id)
+                    # Report the text as the LLM wrote it (punctuation and all), which is what
+                    # Pipecat matches against; the unspeakable characters before a word ride with it.
+                    label = event.text.strip()
+                    if label:
+                        await self.add_word_timestamps([(label, event.start_s)], context_id)
+        except Exception as exc:
+            await self.push_error_frame(_error_frame(exc))
+        stream.done = True
+        stream.got_audio = got_audio
+        # A session ends by itself only after its flush, unless it failed: then the context stays
+        # open until its text ends, so that the turn's later words do not reopen it.
+        if stream.flushed:
+            await self._close_context(context_id, got_audio)
+
+    async def _close_context(self, context_id: str, got_audio: bool) -> None:
+        if not self.audio_context_available(context_id):
+            return
+        if not got_audio:
+            # Pipecat reports a context that ends without audio as a failed synthesis and, after a
+            # few in a row, stops using the service; a reply with nothing to say is not a failure.
+            silence = TTSAudioRawFrame(bytes(2 * FRAME_SIZE), SAMPLE_RATE, 1, context_id=context_id)
+            await self.append_to_audio_context(context_id, silence)
+        await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
+        await self.remove_audio_context(context_id)
+
+    async def _end_of_text(self, context_id: str, stream: _Stream) -> None:
+        """No more text for this context: the session speaks the rest (or the failed one closes)."""
+        if stream.flushed:
+            return
+        stream.flushed = True
+        if stream.text.strip():
+            await self.start_tts_usage_metrics(stream.text.strip())
+        if stream.done:
+            await self._close_context(context_id, stream.got_audio)
+        elif stream.session is not None:
+            stream.session.flush()
 
     async def _release(self, context_id: str) -> None:
-        session = self._sessions.pop(context_id, None)
-        task = self._consumers.pop(context_id, None)
-        if session is not None:
-            session.cancel()
-        if task is not None:
-            await self.cancel_task(task)
+        stream = self._streams.pop(context_id, None)
+        if stream is None:
+            return
+        if stream.session is not None:
+            stream.session.cancel()
+        if stream.consumer is not None and stream.consumer is not asyncio.current_task():
+            await self.cancel_task(stream.consumer)
 
     async def _release_all(self) -> None:
-        for context_id in list(self._sessions):
+        for context_id in list(self._streams):
             await self._release(context_id)
 
-    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:
-        changed = await super()._update_settings(delta)
-        if "model" in changed:
-            logger.warning(f"{self}: changing the model needs a new KyutaiTTSService; ignored")
-        return changed
+
+def _settings_problem(s: KyutaiTTSSettings) -> str | None:
+    """What is wrong with these settings, or None."""
+    if s.voice is not None and not isinstance(s.voice, str):
+        return f"voice must be a voice name (str), got {s.voice!r}"
+    values: dict[str, float] = {}
+    for name in _NUMERIC_FIELDS:
+        value = getattr(s, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} must be a finite number, got {value!r}"
+        values[name] = float(value)
+    if values["temperature"] < 0:
+        return f"temperature must be >= 0, got {s.temperature!r}"
+    if values["n_q"] < 1 or values["n_q"] != int(values["n_q"]):
+        return f"n_q must be a whole number >= 1, got {s.n_q!r}"
+    if values["cfg_coef"] <= 0:
+        return f"cfg_coef must be > 0, got {s.cfg_coef!r}"
+    return None
+
+
+def _error_frame(exc: BaseException) -> ErrorFrame:
+    """An ErrorFrame whose message says what to do; never one that writes the service off."""
+    if isinstance(exc, (EngineFullError, EngineTimeoutError)):
+        category = ErrorCategory.RATE_LIMIT
+    elif isinstance(exc, InvalidInputError):
+        category = ErrorCategory.APPLICATION
+    elif isinstance(exc, (EngineFailure, KyutaiTTSError)):
+        category = ErrorCategory.SERVER
+    else:
+        category = ErrorCategory.UNKNOWN
+    if isinstance(exc, KyutaiTTSError):
+        message = f"Kyutai TTS: {exc}"
+    else:
+        message = f"Kyutai TTS failed unexpectedly ({exc!r}); this utterance is not spoken"
+    return ErrorFrame(error=message, exception=exc, category=category)
+
+
+def _load_in_background(engine_args: dict[str, Any]) -> concurrent.futures.Future[TTSBackend]:
+    """Start loading the shared engine in a thread; the future cannot be cancelled by a waiter."""
+    future: concurrent.futures.Future[TTSBackend] = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+
+    def load() -> None:
+        try:
+            from ..engine import shared_engine
+
+            future.set_result(shared_engine(**engine_args))
+        except BaseException as exc:  # handed to whoever waits for the engine
+            future.set_exception(exc)
+
+    threading.Thread(target=load, name="kyutai-tts-load", daemon=True).start()
+    return future
