@@ -23,6 +23,7 @@ REAL_LM_CONFIG: dict[str, Any] = {
     "delays": [0, 0] + [2] * 31,
     "dim": 2048,
     "text_card": 8000,
+    "text_card_out": None,
     "existing_text_padding_id": 3,
     "num_heads": 16,
     "num_layers": 16,
@@ -62,4 +63,15 @@ REAL_LM_CONFIG: dict[str, Any] = {
         },
     },
     "fuser": REAL_FUSER,
+}
+
+# The whole config.json: the model keys plus the TTS, identity and file-name keys.
+REAL_CONFIG_JSON: dict[str, Any] = REAL_LM_CONFIG | {
+    "tts_config": {"audio_delay": 1.28, "second_stream_ahead": 2},
+    "model_id": {"sig": "1e68beda", "epoch": 240},
+    "model_type": "tts",
+    "lm_gen_config": {"temp": 0.6, "text_temp": 0.6},
+    "moshi_name": "dsm_tts_1e68beda@240.safetensors",
+    "mimi_name": "tokenizer-e351c8d8-checkpoint125.safetensors",
+    "tokenizer_name": "tokenizer_spm_8k_en_fr_audio.model",
 }
