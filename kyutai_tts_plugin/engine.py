@@ -72,14 +72,27 @@ class Synthesis:
     words: list[WordTiming]
 
 
-@dataclass
-class StepRecord:
-    """What happened at one step of a session (kept only when the engine records tokens, for tests)."""
+@dataclass(frozen=True)
+class SessionStep:
+    """What one session did at one engine step."""
 
-    step: int
-    sampled_text: int
-    fed_text: int
-    audio: list[int]
+    session_id: str
+    step: int  # the session's own step index (0 at its first step)
+    sampled_text: int  # the text action the model sampled
+    fed_text: int  # the (muxed) text token the state machine fed back
+    audio: tuple[int, ...]  # one token per checkpoint codebook; -1 where none was generated
+    dsm_state: dsm.DSMState  # live: read it once the session has ended
+
+
+@dataclass(frozen=True)
+class EngineStep:
+    """One batched forward pass of the engine, as seen by step observers."""
+
+    index: int  # counts the engine's steps from 0
+    sessions: tuple[SessionStep, ...]
+
+
+StepObserver = Callable[[EngineStep], None]
 
 
 class StreamingSession:
@@ -289,7 +302,6 @@ class _SlotRun:
     pending_raw: str = ""
     words_timed: int = 0
     entries_with_tokens_pending: int = 0
-    record: list[StepRecord] | None = None
 
 
 class TTSEngine:
@@ -349,7 +361,8 @@ class TTSEngine:
         self._slots: list[StreamingSession | None] = [None] * max_sessions
         self._waiting: deque[StreamingSession] = deque()
         self._closed = False
-        self._record_tokens = False
+        self._observers: list[StepObserver] = []
+        self._step_index = 0
         self._worker = threading.Thread(target=self._loop, name="kyutai-tts-engine", daemon=True)
         self._worker.start()
         _open_engines.add(self)
@@ -481,6 +494,23 @@ class TTSEngine:
             s._end(EngineFailure("the engine was closed"))
         self._worker.join(timeout=10)
 
+    def add_step_observer(self, observer: StepObserver) -> Callable[[], None]:
+        """Call `observer` on the worker thread after every engine step; returns a function that removes it.
+
+        For tests and benchmarks: the engine waits while an observer runs, so an observer that blocks
+        holds the engine between two steps (this is how tests drive it step by step). Without
+        observers the engine builds no step records.
+        """
+        with self._cv:
+            self._observers.append(observer)
+
+        def remove() -> None:
+            with self._cv:
+                if observer in self._observers:
+                    self._observers.remove(observer)
+
+        return remove
+
     def _validate(self, o: SessionOptions) -> None:
         values = self.model.cfg_values()
         if values and o.cfg_coef not in values:
@@ -572,7 +602,6 @@ class TTSEngine:
             ),
             voice_key=tuple(s._voices),
             n_q=o.n_q,
-            record=[] if self._record_tokens else None,
         )
         return run
 
@@ -659,16 +688,16 @@ class TTSEngine:
             self.model, self.lm_state, rows, tokens, steps, cross=cross, cond_sum=cond
         )
 
-        fed = []
+        fed: list[int] = []
+        sampled_all: list[int] = []
         for i, (s, r) in enumerate(zip(sessions, runs_, strict=True)):
             logits = text_logits[i]
             if s.options.padding_bonus:
                 logits = logits.clone()
                 logits[dsm.PAD] += s.options.padding_bonus
             sampled = sample_token(logits, s.options.temperature, s.options.top_k_text, r.generator)
+            sampled_all.append(sampled)
             fed.append(self.machine.process(r.step, r.dsm_state, sampled))
-            if r.record is not None:
-                r.record.append(StepRecord(r.step, sampled, fed[-1], []))
         fed_t = torch.tensor(fed, dtype=torch.long, device=dev)
 
         audio = torch.full((len(runs_), shape.n_q), -1, dtype=torch.long, device=dev)
@@ -688,10 +717,14 @@ class TTSEngine:
 
         new_prev = torch.cat([fed_t[:, None], audio], dim=1)
         decode_rows: dict[int, int] = {}  # row in this step -> semantic token of the frame to decode
-        for i, r in enumerate(runs_):
+        observed: list[SessionStep] = []
+        audio_host = audio.tolist() if self._observers else None
+        for i, (s, r) in enumerate(zip(sessions, runs_, strict=True)):
             r.prev = new_prev[i]
-            if r.record is not None:
-                r.record[-1].audio = audio[i].tolist()
+            if audio_host is not None:
+                observed.append(
+                    SessionStep(s.id, r.step, sampled_all[i], fed[i], tuple(audio_host[i]), r.dsm_state)
+                )
             r.semantic.append(int(audio[i, 0]))
             # Frame t - max_delay is complete now: its semantic token is from then, acoustic from now.
             if r.step - self._max_delay >= self.delay_steps:
@@ -730,6 +763,15 @@ class TTSEngine:
                 with self._cv:
                     self._release(s)
                 s._end()
+
+        index, self._step_index = self._step_index, self._step_index + 1
+        if observed:
+            step = EngineStep(index, tuple(observed))
+            for observer in list(self._observers):
+                try:
+                    observer(step)
+                except Exception:  # an observer's bug must not fail the sessions it watches
+                    logger.exception("step observer %r failed", observer)
 
     def _word_timings(
         self, r: _SlotRun, s: StreamingSession, chunk: AudioChunk | None, final: bool = False

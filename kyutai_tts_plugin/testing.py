@@ -10,9 +10,14 @@ import copy
 import io
 import json
 import os
-from collections.abc import Sequence
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import EngineStep, SessionStep, TTSEngine
 
 TEST_VOCAB_SIZE = 512  # vocabulary of the test tokenizer (= TINY_LM_CONFIG["text_card"])
 TEST_VOICES = (
@@ -390,3 +395,130 @@ def make_test_checkpoint(
 def _contiguous(state: dict[str, Any]) -> dict[str, Any]:
     # safetensors refuses non-contiguous or shared-storage tensors.
     return {k: v.contiguous().clone() for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Driving the engine in steps, for tests: order in time is asserted in engine steps, never seconds.
+
+HANG_GUARD_S = 120.0  # only ever reached when the thing waited for never happens (a failing test)
+
+
+class StepRecorder:
+    """Records every step of every session of an engine (a step observer).
+
+    ``wait_for`` blocks until a condition over the recording holds, woken by each step: tests wait
+    for the step that proves a thing instead of sleeping and looking.
+    """
+
+    def __init__(self, engine: TTSEngine) -> None:
+        self._cv = threading.Condition()
+        self._steps: dict[str, list[SessionStep]] = defaultdict(list)
+        self._engine_index: dict[str, list[int]] = defaultdict(list)
+        self.engine_steps = 0
+        self.close = engine.add_step_observer(self)
+
+    def __call__(self, step: EngineStep) -> None:
+        with self._cv:
+            for s in step.sessions:
+                self._steps[s.session_id].append(s)
+                self._engine_index[s.session_id].append(step.index)
+            self.engine_steps += 1
+            self._cv.notify_all()
+
+    def __enter__(self) -> StepRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def of(self, session: Any) -> list[SessionStep]:
+        """The steps of `session` (a session or its id), in order."""
+        with self._cv:
+            return list(self._steps[_session_id(session)])
+
+    def count(self, session: Any) -> int:
+        with self._cv:
+            return len(self._steps[_session_id(session)])
+
+    def engine_indices(self, session: Any) -> list[int]:
+        """The engine step index of each step of `session`."""
+        with self._cv:
+            return list(self._engine_index[_session_id(session)])
+
+    def tokens(self, session: Any) -> list[tuple[int, int, tuple[int, ...]]]:
+        """(sampled text, fed text, audio tokens) at each step of `session`."""
+        return [(s.sampled_text, s.fed_text, s.audio) for s in self.of(session)]
+
+    def wait_for(self, condition: Callable[[], bool], what: str = "the condition") -> None:
+        with self._cv:
+            if not self._cv.wait_for(condition, timeout=HANG_GUARD_S):
+                raise AssertionError(f"the engine never reached {what}")
+
+
+class StepGate:
+    """Holds the engine between two steps, so a test can act at an exact step (a step observer).
+
+    While held, the worker parks after each step until `allow` grants more steps. `held_at` is the
+    index of the engine step after which the worker is parked (None while it runs). Observers run in
+    the order they were added: add a `StepRecorder` before the gate so it sees the parked step.
+    """
+
+    def __init__(self, engine: TTSEngine, *, held: bool = False) -> None:
+        self._cv = threading.Condition()
+        self._held = held
+        self._credits = 0
+        self.held_at: int | None = None
+        self._remove = engine.add_step_observer(self)
+
+    def __call__(self, step: EngineStep) -> None:
+        with self._cv:
+            if self._credits > 0:
+                self._credits -= 1
+                if self._credits > 0 or not self._held:
+                    return
+            if not self._held:
+                return
+            self.held_at = step.index
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: not self._held or self._credits > 0)
+            self.held_at = None
+
+    def hold(self) -> None:
+        """Park the worker after the step it is in (or the next one)."""
+        with self._cv:
+            self._held = True
+            self._credits = 0
+
+    def wait_held(self) -> int:
+        """Wait until the worker is parked; returns the index of the step it is parked after."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self.held_at is not None, timeout=HANG_GUARD_S):
+                raise AssertionError("the engine never stepped while the gate was held")
+            assert self.held_at is not None
+            return self.held_at
+
+    def allow(self, steps: int = 1) -> None:
+        """Let the parked worker take `steps` more steps, then park again."""
+        with self._cv:
+            self._credits += steps
+            self.held_at = None
+            self._cv.notify_all()
+
+    def release(self) -> None:
+        with self._cv:
+            self._held = False
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        self.release()
+        self._remove()
+
+    def __enter__(self) -> StepGate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _session_id(session: Any) -> str:
+    return session if isinstance(session, str) else str(session.id)

@@ -12,6 +12,14 @@ import pytest
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 
+@pytest.fixture
+def test_seed() -> int:
+    """The seed of a randomized test: KYUTAI_TEST_SEED replays a run (it is printed on failure)."""
+    seed = int(os.environ.get("KYUTAI_TEST_SEED", "7"))
+    print(f"randomized test: seed {seed} (replay with KYUTAI_TEST_SEED={seed})")
+    return seed
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kyutai_tts_plugin.testing import make_test_checkpoint

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch
 from kyutai_tts_plugin.configs import REAL_LM_CONFIG
 from kyutai_tts_plugin.engine import StreamingSession, TTSEngine
 from kyutai_tts_plugin.lm import LMModel, LMShape
+from kyutai_tts_plugin.testing import StepRecorder
 from kyutai_tts_plugin.types import AudioChunk, SessionOptions, WordTiming
 
 from .moshi_oracle import VOICES, MoshiCheckpoint, build_moshi_checkpoint
@@ -42,9 +42,14 @@ def engine(oracle: MoshiCheckpoint):
     eng = TTSEngine.from_pretrained(
         oracle.root, voice_repo=oracle.voices_dir, max_sessions=4, default_voice=VOICES[0]
     )
-    eng._record_tokens = True
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="module")
+def rec(engine: TTSEngine):
+    with StepRecorder(engine) as recorder:
+        yield recorder
 
 
 def run_moshi(
@@ -86,45 +91,44 @@ def collect(session: StreamingSession) -> tuple[list[np.ndarray], list[WordTimin
     return chunks, words
 
 
-def our_frames(session: StreamingSession, n_q: int) -> list[list[int]]:
+def our_frames(rec: list, n_q: int) -> list[list[int]]:
     """Undelayed frames from our step records, laid out like moshi's TTSResult.frames."""
-    rec = session.run.record
     frames = []
     for i in range(len(rec) - 2):
         frames.append([rec[i].fed_text, rec[i].audio[0], *rec[i + 2].audio[1:n_q]])
     return frames
 
 
-def assert_same_run(session: StreamingSession, result, n_q: int) -> None:
-    rec = session.run.record
+def assert_same_run(recorder: StepRecorder, session: StreamingSession, result, n_q: int) -> None:
+    rec = recorder.of(session)
     logged = result.logged_text_tokens[0]
     assert len(rec) >= len(logged)
     ours_text = [(r.sampled_text, r.fed_text) for r in rec[: len(logged)]]
     assert ours_text == [tuple(x) for x in logged]
     moshi_frames = [f[0, :, 0].tolist() for f in result.frames]
-    assert our_frames(session, n_q)[: len(moshi_frames)] == moshi_frames
-    st = session.run.dsm_state
+    assert our_frames(rec, n_q)[: len(moshi_frames)] == moshi_frames
+    st = rec[-1].dsm_state
     assert st.end_step == result.end_steps[0]
     assert st.consumption_steps == result.all_consumption_times[0]
     assert st.transcript == [tuple(t) for t in result.all_transcripts[0]]
 
 
 @pytest.mark.parametrize("n_q", [32, 24, 8])
-def test_greedy_tokens_match_moshi_past_the_kv_window(oracle, engine, n_q):
+def test_greedy_tokens_match_moshi_past_the_kv_window(oracle, engine, rec, n_q):
     text = long_text(75, seed=n_q)
     _, result = run_moshi(oracle, text, n_q=n_q)
     session, chunks, _ = run_ours(engine, text, n_q=n_q, temperature=0.0)
     assert len(result.frames) > 600, "the run must go past the 500-step attention window"
-    assert_same_run(session, result, n_q)
+    assert_same_run(rec, session, result, n_q)
     # The server rule runs 2 steps past generate(): end_step + 16 + 4 + 2 steps in all.
-    assert len(session.run.record) == result.end_steps[0] + 16 + 4 + 2
+    assert rec.count(session) == result.end_steps[0] + 16 + 4 + 2
 
 
-def test_seeded_sampling_matches_moshi(oracle, engine):
+def test_seeded_sampling_matches_moshi(oracle, engine, rec):
     text = long_text(14, seed=3)
     _, result = run_moshi(oracle, text, n_q=16, temp=0.6, seed=1234)
     session, _, _ = run_ours(engine, text, n_q=16, temperature=0.6, top_k=250, top_k_text=25, seed=1234)
-    assert_same_run(session, result, 16)
+    assert_same_run(rec, session, result, 16)
 
 
 def test_pcm_matches_moshi_streaming_decode(oracle, engine):
@@ -152,7 +156,7 @@ def test_word_timings_are_consumption_steps(oracle, engine):
     assert len(chunks) == result.end_steps[0] + 4
 
 
-def test_streamed_words_equal_whole_text(engine):
+def test_streamed_words_equal_whole_text(engine, rec):
     text = long_text(30, seed=9)
     whole, whole_chunks, whole_words = run_ours(engine, text, n_q=8, temperature=0.0)
     session = engine.open_session(SessionOptions(n_q=8, temperature=0.0))
@@ -164,27 +168,27 @@ def test_streamed_words_equal_whole_text(engine):
         pos += n
     session.flush()
     chunks, words = collect(session)
-    assert [(r.sampled_text, r.fed_text, r.audio) for r in session.run.record] == [
-        (r.sampled_text, r.fed_text, r.audio) for r in whole.run.record
-    ]
+    assert rec.tokens(session) == rec.tokens(whole)
     assert np.array_equal(np.concatenate(chunks), np.concatenate(whole_chunks))
     assert words == whole_words
 
 
-def test_streaming_waits_for_three_words(engine):
+def test_streaming_waits_for_three_words(engine, rec):
     session = engine.open_session(SessionOptions(n_q=8, temperature=0.0))
     session.push_text("one two ")
-    time.sleep(0.3)
-    assert session.run is not None and session.run.step == 0, "must not step with fewer than 3 words"
+    # Another session speaks to its end meanwhile: every one of its steps was a chance to step ours.
+    other = engine.open_session(SessionOptions(n_q=8, temperature=0.0))
+    other.push_text("a whole sentence that is flushed")
+    other.flush()
+    collect(other)
+    assert rec.count(other) > 20
+    assert rec.count(session) == 0, "must not step with fewer than 3 words"
     session.push_text("three four ")
-    deadline = time.monotonic() + 10
-    while session.run.step == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert session.run.step > 0
+    rec.wait_for(lambda: rec.count(session) > 0, "a step of the session once it had enough words")
     session.cancel()
 
 
-def test_batch_of_sessions_equals_solo_runs(engine):
+def test_batch_of_sessions_equals_solo_runs(engine, rec):
     specs = [
         (long_text(12, seed=21), dict(voice=VOICES[0], cfg_coef=2.0, n_q=8)),
         (long_text(9, seed=22), dict(voice=VOICES[1], cfg_coef=1.5, n_q=16)),
@@ -194,7 +198,7 @@ def test_batch_of_sessions_equals_solo_runs(engine):
     for text, opts in specs:
         o = {"temperature": 0.0, **opts}
         s, chunks, words = run_ours(engine, text, **o)
-        solo.append((s.run.record, np.concatenate(chunks), words))
+        solo.append((rec.tokens(s), np.concatenate(chunks), words))
     # Start them at different steps: each new one joins once the previous has produced audio.
     sessions = []
     for text, opts in specs:
@@ -210,11 +214,9 @@ def test_batch_of_sessions_equals_solo_runs(engine):
         events = first + list(it)
         chunks = [e.pcm for e in events if isinstance(e, AudioChunk)]
         words = [e for e in events if isinstance(e, WordTiming)]
-        results.append((s.run.record, np.concatenate(chunks), words))
-    for (rec, pcm, words), (srec, spcm, swords) in zip(results, solo, strict=True):
-        assert [(r.sampled_text, r.fed_text, r.audio) for r in rec] == [
-            (r.sampled_text, r.fed_text, r.audio) for r in srec
-        ]
+        results.append((rec.tokens(s), np.concatenate(chunks), words))
+    for (toks, pcm, words), (stoks, spcm, swords) in zip(results, solo, strict=True):
+        assert toks == stoks
         assert np.abs(pcm - spcm).max() <= 1e-5
         assert words == swords
 
@@ -240,10 +242,10 @@ def test_our_random_checkpoint_loads_in_moshi(tmp_path):
     text = "our own checkpoint in the real layout"
     _, result = run_moshi(oracle, text, n_q=8)
     eng = TTSEngine.from_pretrained(root, voice_repo=root / "voices", default_voice=VOICES[0])
-    eng._record_tokens = True
     try:
-        session, _, _ = run_ours(eng, text, n_q=8, temperature=0.0)
-        assert_same_run(session, result, 8)
+        with StepRecorder(eng) as recorder:
+            session, _, _ = run_ours(eng, text, n_q=8, temperature=0.0)
+        assert_same_run(recorder, session, result, 8)
     finally:
         eng.close()
 
@@ -272,7 +274,7 @@ def test_every_real_checkpoint_name_is_known():
     assert ref_names == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 
-def test_dialog_and_breaks_match_moshi(oracle, engine):
+def test_dialog_and_breaks_match_moshi(oracle, engine, rec):
     turns = ["hello there, how are you?", 'fine <break time="0.5s"/> thanks, and you?', "great."]
     tts = oracle.load_moshi(n_q=8, temp=0.0)
     entries = tts.prepare_script(turns, padding_between=1)
@@ -289,6 +291,6 @@ def test_dialog_and_breaks_match_moshi(oracle, engine):
         session.push_text(turn)
     session.flush()
     collect(session)
-    assert_same_run(session, result, 8)
-    consumed = session.run.dsm_state.consumption_steps
+    assert_same_run(rec, session, result, 8)
+    consumed = rec.of(session)[-1].dsm_state.consumption_steps
     assert len(consumed) == len(entries)  # the pause entry is consumed like a word

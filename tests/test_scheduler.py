@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,14 @@ import pytest
 
 from kyutai_tts_plugin.engine import StreamingSession, TTSEngine
 from kyutai_tts_plugin.errors import EngineFullError, EngineTimeoutError
-from kyutai_tts_plugin.testing import TEST_VOICES
+from kyutai_tts_plugin.testing import TEST_VOICES, StepRecorder
 from kyutai_tts_plugin.types import AudioChunk, SessionOptions, WordTiming
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
 
 
 def make_engine(root: Path, **kwargs) -> TTSEngine:
-    engine = TTSEngine.from_pretrained(root, voice_repo=root / "voices", **kwargs)
-    engine._record_tokens = True
-    return engine
+    return TTSEngine.from_pretrained(root, voice_repo=root / "voices", **kwargs)
 
 
 def drain(session: StreamingSession) -> tuple[np.ndarray, list[WordTiming]]:
@@ -34,20 +31,12 @@ def drain(session: StreamingSession) -> tuple[np.ndarray, list[WordTiming]]:
     return (np.concatenate(pcm) if pcm else np.zeros(0, np.float32)), words
 
 
-def tokens(session: StreamingSession) -> list[tuple[int, int, list[int]]]:
-    return [(r.sampled_text, r.fed_text, r.audio) for r in session.run.record]
-
-
-def wait_until(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
-def test_random_joins_cancels_and_word_arrivals(tiny_checkpoint):
-    rng = random.Random(7)
+def test_random_joins_cancels_and_word_arrivals(tiny_checkpoint, test_seed):
+    # The plan (texts, options, cancels, pauses) comes from the seed; the threads' interleaving does
+    # not, and every property asserted below holds for any interleaving.
+    rng = random.Random(test_seed)
     engine = make_engine(tiny_checkpoint, max_sessions=4, max_waiting=16)
+    recorder = StepRecorder(engine)
     try:
         plans = []
         for i in range(12):
@@ -58,30 +47,34 @@ def test_random_joins_cancels_and_word_arrivals(tiny_checkpoint):
                 voice=TEST_VOICES[i % len(TEST_VOICES)],
                 cfg_coef=rng.choice([1.5, 2.0, 3.0]),
             )
-            plans.append((text, opts, rng.random() < 0.33, rng.uniform(0.0, 0.4), rng.random()))
+            plans.append((text, opts, rng.random() < 0.33, rng.randrange(2**32), rng.random()))
         solo = {}
         for i, (text, opts, cancel, _, _) in enumerate(plans):
             if not cancel:
                 s = engine.open_session(opts)
                 s.push_text(text + " ")  # the streamed run below sends each word with a space
                 s.flush()
-                solo[i] = (drain(s), tokens(s))
+                solo[i] = (drain(s), recorder.tokens(s))
 
         results: dict[int, object] = {}
+        start = threading.Barrier(12)
 
         def run(i: int) -> None:
-            text, opts, cancel, start_delay, cancel_at = plans[i]
-            time.sleep(start_delay)
+            text, opts, cancel, thread_seed, cancel_at = plans[i]
+            jitter = random.Random(thread_seed)  # each thread its own generator: the plan replays
+            start.wait()
+            for _ in range(jitter.randrange(200)):  # staggered joins: a few engine steps apart
+                threading.Event().wait(0.0005)
             s = engine.open_session(opts)
             words = text.split(" ")
             for j, w in enumerate(words):  # words trickle in, split mid-word
                 s.push_text(w[:2])
-                time.sleep(rng.uniform(0, 0.02))
+                threading.Event().wait(jitter.uniform(0, 0.02))
                 s.push_text(w[2:] + " ")
-                if cancel and j >= len(words) * cancel_at:
-                    step = s.run.step if s.run else 0
+                if cancel and j == min(len(words) - 1, int(len(words) * cancel_at)):
                     s.cancel()
-                    results[i] = ("cancelled", s, step)
+                    # At most the step in flight when cancel returned can still be recorded.
+                    results[i] = ("cancelled", s, recorder.count(s))
                     return
             s.flush()
             results[i] = ("done", s, drain(s))
@@ -96,22 +89,35 @@ def test_random_joins_cancels_and_word_arrivals(tiny_checkpoint):
             if kind == "done":
                 (pcm, words), toks = solo[i]
                 got_pcm, got_words = payload
-                assert tokens(s) == toks, f"session {i} differs from its solo run"
+                assert recorder.tokens(s) == toks, f"session {i} differs from its solo run"
                 assert got_pcm.shape == pcm.shape and np.abs(got_pcm - pcm).max() <= 1e-5
                 assert got_words == words
             else:
-                time.sleep(0.05)
-                # cancel stops the session within one step, and no event is delivered afterwards
-                assert s.run is None or s.run.step <= payload + 1
-                assert list(s) == []
-        wait_until(lambda: engine.active_sessions == 0)
-        assert all(slot is None for slot in engine._slots)
+                assert list(s) == [], "no event is delivered after cancel"
+        # Run the engine on until every slot is free again, then check the cancelled sessions:
+        # cancel stops a session within the one step that may be in flight.
+        assert engine.active_sessions == 0, "every slot is freed"
+        flush_engine(engine, recorder)
+        for i, (kind, s, count) in results.items():
+            if kind == "cancelled":
+                assert recorder.count(s) <= count + 1, f"session {i} stepped after its cancel"
     finally:
+        recorder.close()
         engine.close()
+
+
+def flush_engine(engine: TTSEngine, recorder: StepRecorder) -> None:
+    """Step one more session to its end: every step in flight before it has been recorded."""
+    s = engine.open_session(SessionOptions(temperature=0.0, n_q=4))
+    s.push_text("the end")
+    s.flush()
+    drain(s)
+    assert recorder.count(s) > 0
 
 
 def test_starved_session_does_not_hold_back_others(tiny_checkpoint):
     engine = make_engine(tiny_checkpoint, max_sessions=2)
+    recorder = StepRecorder(engine)
     try:
         starved = engine.open_session(SessionOptions(temperature=0.0, n_q=4))
         starved.push_text("only two ")  # fewer than 3 words and no flush: it must not step
@@ -120,7 +126,7 @@ def test_starved_session_does_not_hold_back_others(tiny_checkpoint):
         busy.flush()
         pcm, _ = drain(busy)
         assert pcm.size > 0 and busy.is_finished
-        assert starved.run is not None and starved.run.step == 0
+        assert recorder.count(busy) > 0 and recorder.count(starved) == 0
         alone = engine.synthesize(
             "this session has all of its words right now", SessionOptions(temperature=0, n_q=4)
         )
@@ -151,6 +157,7 @@ def test_slow_consumer_is_masked_out(tiny_checkpoint):
 
 def test_engine_full_and_wait_queue(tiny_checkpoint):
     engine = make_engine(tiny_checkpoint, max_sessions=1, max_waiting=1, queue_timeout_s=30)
+    recorder = StepRecorder(engine)
     try:
         first = engine.open_session(SessionOptions(temperature=0.0, n_q=4))
         queued = engine.open_session(SessionOptions(temperature=0.0, n_q=4))
@@ -158,15 +165,16 @@ def test_engine_full_and_wait_queue(tiny_checkpoint):
             engine.open_session()
         assert engine.active_sessions == 2
         queued.push_text("I wait for the slot")
-        queued.flush()
-        time.sleep(0.1)
-        assert queued.run is None, "the queued session must wait while the slot is taken"
+        queued.flush()  # ready to speak at once, but the only slot is taken
         first.push_text("first one speaks")
         first.flush()
         drain(first)
         pcm, words = drain(queued)  # it got the slot once the first finished
         assert pcm.size > 0 and [w.word for w in words] == ["I", "wait", "for", "the", "slot"]
-        wait_until(lambda: engine.active_sessions == 0)
+        assert recorder.engine_indices(queued)[0] > recorder.engine_indices(first)[-1], (
+            "the queued session must wait while the slot is taken"
+        )
+        assert engine.active_sessions == 0
     finally:
         engine.close()
 
@@ -182,6 +190,6 @@ def test_wait_queue_timeout(tiny_checkpoint):
         with pytest.raises(EngineTimeoutError, match="waited 0 s for a free engine slot"):
             drain(late)
         hog.cancel()
-        wait_until(lambda: engine.active_sessions == 0)
+        assert engine.active_sessions == 0
     finally:
         engine.close()
