@@ -10,8 +10,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
+import socket
 import struct
 import threading
+import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,7 @@ _GATINGS = (
 _POS_EMBS = ("sin", "rope", "sin_rope", "none", "rope_concat")
 _CONDITIONER_TYPES = ("lut", "tensor")
 
+_ANY_VOICE_SUFFIX = re.compile(r"(.+)\.[0-9A-Za-z]+@\d+\.safetensors")
 _REQUIRED = object()  # marks a config key without a default
 
 
@@ -356,6 +361,46 @@ def _offline() -> bool:
     return hf_constants.HF_HUB_OFFLINE or value.upper() in ("1", "ON", "YES", "TRUE")
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_HUB_PROBE_TIMEOUT_S = 3.0
+_hub_seen_reachable = False
+
+
+def _hub_unreachable() -> bool:
+    """True when the Hub's host cannot even be connected to (no DNS, no route, firewalled).
+
+    huggingface_hub retries a failed request for about half a minute before giving up; one quick
+    connection attempt first makes a machine without network fail at once with the right advice.
+    Behind a proxy a direct connection proves nothing, so the probe is skipped there.
+    """
+    global _hub_seen_reachable
+    if _hub_seen_reachable or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return False
+    url = urllib.parse.urlsplit(hf_constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=_HUB_PROBE_TIMEOUT_S):
+            _hub_seen_reachable = True
+            return False
+    except OSError:
+        return True
+
+
+def _local_only() -> bool:
+    """Use only the local cache: offline by choice (HF_HUB_OFFLINE) or by necessity."""
+    return _offline() or _hub_unreachable()
+
+
+def _unreachable_reason(missing: str = "the file is not", with_cache: bool = False) -> str:
+    cache = f" ({_cache_dir()})" if with_cache else ""
+    if _offline():
+        return f"HF_HUB_OFFLINE is set and {missing} in the local cache{cache}"
+    return (
+        f"the Hub ({hf_constants.ENDPOINT}) cannot be reached from this machine and {missing} in the "
+        f"local cache{cache}; set HF_HUB_OFFLINE=1 to use only the cache without trying the Hub"
+    )
+
+
 def _cache_dir() -> str:
     return os.path.expanduser(os.environ.get("HF_HUB_CACHE") or hf_constants.HF_HUB_CACHE)
 
@@ -374,11 +419,10 @@ def _hf_file(repo: str, filename: str, revision: str | None, what: str) -> Path:
     where = f"'{filename}' ({what}) of Hugging Face repo '{repo}'" + (
         f" at revision {revision}" if revision else ""
     )
-    offline = _offline()
     try:
         return Path(
             hf_hub_download(
-                repo, filename, revision=revision, cache_dir=_cache_dir(), local_files_only=offline
+                repo, filename, revision=revision, cache_dir=_cache_dir(), local_files_only=_local_only()
             )
         )
     except GatedRepoError as e:
@@ -391,12 +435,7 @@ def _hf_file(repo: str, filename: str, revision: str | None, what: str) -> Path:
     except RevisionNotFoundError as e:
         raise CheckpointError(f"Cannot get {where}: the revision does not exist.") from e
     except LocalEntryNotFoundError as e:
-        reason = (
-            "HF_HUB_OFFLINE is set and the file is not in the local cache"
-            if offline
-            else "the Hub cannot be reached and the file is not in the local cache"
-        )
-        raise CheckpointError(f"Cannot get {where}: {reason}. {_download_help(repo)}") from e
+        raise CheckpointError(f"Cannot get {where}: {_unreachable_reason()}. {_download_help(repo)}") from e
     except EntryNotFoundError as e:
         raise CheckpointError(f"Cannot get {where}: the repo has no such file.") from e
     except (HfHubHTTPError, OSError, ValueError) as e:
@@ -535,14 +574,15 @@ class VoiceLibrary:
 
     A voice is named by its path in the repo without the model suffix, e.g.
     ``expresso/ex03-ex01_happy_001_channel1_334s.wav`` for the file
-    ``expresso/ex03-ex01_happy_001_channel1_334s.wav.1e68beda@240.safetensors``.
+    ``expresso/ex03-ex01_happy_001_channel1_334s.wav.1e68beda@240.safetensors``. With
+    ``suffix=None`` the library only lists, the voices made for any model (no model needed).
     """
 
     def __init__(
         self,
         source: str | os.PathLike[str] = DEFAULT_VOICE_REPO,
         *,
-        suffix: str,
+        suffix: str | None,
         revision: str | None = None,
     ) -> None:
         self.source = os.fspath(source)
@@ -556,11 +596,7 @@ class VoiceLibrary:
     def list(self) -> list[str]:
         """Every available voice name, sorted. Offline, a Hugging Face repo lists its cached voices."""
         if self.directory is not None:
-            return sorted(
-                p.relative_to(self.directory).as_posix()[: -len(self.suffix)]
-                for p in self.directory.rglob(f"*{self.suffix}")
-                if p.is_file()
-            )
+            return self._names(p.relative_to(self.directory).as_posix() for p in self._files(self.directory))
         with self._lock:
             if self._listed is None:
                 self._listed = self._list_hf()
@@ -581,6 +617,8 @@ class VoiceLibrary:
     # -- internals
 
     def _candidates(self, name: str) -> list[str]:
+        if self.suffix is None:
+            raise CheckpointError("this voice library only lists voices: give it the model's voice suffix")
         base = name[: -len(self.suffix)] if name.endswith(self.suffix) else name
         return [base] if base.endswith(".wav") else [base + ".wav", base]
 
@@ -610,17 +648,17 @@ class VoiceLibrary:
                     filename,
                     revision=self.revision,
                     cache_dir=_cache_dir(),
-                    local_files_only=_offline(),
+                    local_files_only=_local_only(),
                 )
             )
         except LocalEntryNotFoundError as e:
             if _offline():
                 return None  # not in the cache; the error message lists the cached voices
             raise CheckpointError(
-                f"Cannot get voice file '{filename}' from Hugging Face repo '{self.source}': the Hub cannot "
-                f"be reached and the file is not in the local cache ({_cache_dir()}). On a machine with "
-                f"internet access run `hf download {self.source}` and copy the cache, or pass a local "
-                "directory of voice files (voice_repo=...)."
+                f"Cannot get voice file '{filename}' from Hugging Face repo '{self.source}': "
+                f"{_unreachable_reason(with_cache=True)}. On a machine with internet access run "
+                f"`hf download {self.source}` and copy the cache, or pass a local directory of voice "
+                "files (voice_repo=...)."
             ) from e
         except EntryNotFoundError:  # the repo has no such file
             return None
@@ -651,10 +689,10 @@ class VoiceLibrary:
         )
 
     def _list_hf(self) -> list[str]:
-        if not _offline():
+        if not _local_only():
             try:
                 files = HfApi().list_repo_files(self.source, revision=self.revision)
-                return sorted(f[: -len(self.suffix)] for f in files if f.endswith(self.suffix))
+                return self._names(files)
             except (RepositoryNotFoundError, RevisionNotFoundError) as e:
                 raise CheckpointError(f"Cannot list voices of Hugging Face repo '{self.source}': {e}") from e
             except (HfHubHTTPError, OSError):
@@ -662,16 +700,23 @@ class VoiceLibrary:
         snapshot = self._cached_snapshot()
         if snapshot is None:
             raise CheckpointError(
-                f"Cannot list voices of Hugging Face repo '{self.source}': the Hub cannot be reached "
-                f"(or HF_HUB_OFFLINE is set) and nothing of it is in the local cache ({_cache_dir()}). "
-                f"On a machine with internet access run `hf download {self.source}` and copy the cache, "
-                "or pass a local directory of voice files (voice_repo=...)."
+                f"Cannot list voices of Hugging Face repo '{self.source}': "
+                f"{_unreachable_reason('nothing of it is', with_cache=True)}. On a machine with "
+                f"internet access run `hf download {self.source}` and copy the cache, or pass a local "
+                "directory of voice files (--voice-repo DIR, voice_repo=...)."
             )
-        return sorted(
-            p.relative_to(snapshot).as_posix()[: -len(self.suffix)]
-            for p in snapshot.rglob(f"*{self.suffix}")
-            if p.is_file()
-        )
+        return self._names(p.relative_to(snapshot).as_posix() for p in self._files(snapshot))
+
+    def _files(self, directory: Path) -> list[Path]:
+        return [p for p in directory.rglob(f"*{self.suffix or '.safetensors'}") if p.is_file()]
+
+    def _names(self, files: Iterable[str]) -> list[str]:
+        """Voice names of the voice files among `files` (those of this model, or of any model)."""
+        if self.suffix is not None:
+            names = {f[: -len(self.suffix)] for f in files if f.endswith(self.suffix)}
+        else:
+            names = {m.group(1) for f in files if (m := _ANY_VOICE_SUFFIX.fullmatch(f))}
+        return sorted(names)
 
     def _cached_snapshot(self) -> Path | None:
         repo_dir = Path(_cache_dir()) / ("models--" + self.source.replace("/", "--"))

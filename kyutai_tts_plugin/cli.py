@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import wave
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+# Only light imports here: torch and the Hub client load inside main(), where Ctrl-C is handled.
+from .errors import InvalidInputError, KyutaiTTSError
 
-from .checkpoint import DEFAULT_MODEL_REPO, DEFAULT_VOICE_REPO
-from .errors import KyutaiTTSError
+if TYPE_CHECKING:
+    import numpy as np
 
 PROG = "kyutai-tts"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        parser = _parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and args.run is not _serve_missing:  # without the extra, serve's options are unknown
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return int(args.run(args))
     except KyutaiTTSError as e:
         # Our errors already say what went wrong and what to do: one line, no traceback.
@@ -28,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # unreadable --text-file, unwritable --out, ...
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, even while torch is still importing
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -37,7 +44,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .checkpoint import DEFAULT_VOICE_REPO
+
     parser = argparse.ArgumentParser(prog=PROG, description="Kyutai streaming TTS (kyutai/tts-1.6b-en_fr).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     syn = sub.add_parser("synthesize", help="speak a text into a WAV file (24 kHz, mono, 16-bit)")
@@ -53,14 +63,20 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--cfg", type=float, help="CFG coefficient, 1.0..4.0 by 0.5 (default 2.0)")
     syn.add_argument("--seed", type=int, help="random seed for reproducible output")
     syn.add_argument("--padding-bonus", type=float, help="> 0 speaks slower, < 0 faster (default 0)")
-    syn.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    syn.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype"
-    )
+    add_engine_arguments(syn)
     syn.set_defaults(run=_synthesize)
 
     voices = sub.add_parser("voices", help="list the available voices, one per line")
-    _model_args(voices)
+    voices.add_argument(
+        "--model",
+        help="list only the voices made for this checkpoint (Hugging Face repo or local directory); "
+        "default: the voices of every model in the voice repo",
+    )
+    voices.add_argument(
+        "--voice-repo",
+        default=DEFAULT_VOICE_REPO,
+        help=f"Hugging Face repo or local directory of voices ({DEFAULT_VOICE_REPO})",
+    )
     voices.set_defaults(run=_voices)
 
     make = sub.add_parser(
@@ -69,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     make.add_argument("directory", type=Path)
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--force", action="store_true", help="write into a directory that is not empty")
     make.set_defaults(run=_make_test_checkpoint)
 
     serve = sub.add_parser(
@@ -85,11 +102,56 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve_missing(args: argparse.Namespace) -> int:
-    print("kyutai-tts serve needs: pip install 'kyutai-tts-plugin[server]'", file=sys.stderr)
+    print(
+        f"{PROG}: error: serve needs aiohttp and msgpack (the package's `server` extra): "
+        "pip install aiohttp msgpack, or in a clone of this repository: pip install -e '.[server]'",
+        file=sys.stderr,
+    )
     return 2
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kyutai-tts-plugin")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: the engine options shared by `synthesize` and `serve`."""
+    from .hardware import DTYPE_NAMES
+
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPE_NAMES,
+        metavar="DTYPE",
+        help="weights and activations: float32 (default), bfloat16 (use it on a GPU), float16",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 weights for the large projections: CPU speed mode, not bit-exact (best with bfloat16)",
+    )
+    p.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, object]:
+    """`TTSEngine.from_pretrained` keywords from the arguments of `add_engine_arguments`."""
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "quantize": args.quantize,
+        "num_threads": args.num_threads,
+    }
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
+    from .checkpoint import DEFAULT_MODEL_REPO, DEFAULT_VOICE_REPO
+
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL_REPO,
@@ -109,6 +171,11 @@ def _synthesize(args: argparse.Namespace) -> int:
     from .types import SessionOptions
 
     text = args.text if args.text is not None else args.text_file.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InvalidInputError("the text is empty: give the words to speak with --text or --text-file")
+    for path in (args.out, args.timings):
+        if path is not None:
+            check_writable(path)
     given = {
         "voice": args.voice,
         "n_q": args.n_q,
@@ -119,7 +186,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     }
     options = SessionOptions(**{k: v for k, v in given.items() if v is not None})
     engine = TTSEngine.from_pretrained(
-        args.model, voice_repo=args.voice_repo, device=args.device, dtype=args.dtype, max_sessions=1
+        args.model, voice_repo=args.voice_repo, max_sessions=1, **engine_options(args)
     )
     bars: list[tqdm] = []  # created at the first frame, so that an early error prints no empty bar
 
@@ -145,8 +212,21 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_writable(path: Path) -> None:
+    """Fail before the model loads, not after a long synthesis, when an output cannot be written."""
+    if path.is_dir():
+        raise InvalidInputError(f"{path}: is a directory; give a file name, e.g. {path / 'out.wav'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidInputError(f"{path}: the directory {parent} does not exist; create it first")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise InvalidInputError(f"{path}: not writable (permission denied); choose another path")
+
+
 def write_wav(path: Path, pcm: np.ndarray, sample_rate: int) -> None:
     """16-bit mono WAV with the standard library."""
+    import numpy as np
+
     samples = (np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
     with wave.open(str(path), "wb") as f:
         f.setnchannels(1)
@@ -158,8 +238,10 @@ def write_wav(path: Path, pcm: np.ndarray, sample_rate: int) -> None:
 def _voices(args: argparse.Namespace) -> int:
     from .checkpoint import VoiceLibrary, load_config
 
-    config = load_config(args.model)  # the voice file suffix depends on the model
-    for name in VoiceLibrary(args.voice_repo, suffix=config.voice_suffix).list():
+    # A voice file is made for one model (its name ends with the model's signature): with --model,
+    # list that model's voices; without, every voice file of the repo.
+    suffix = load_config(args.model).voice_suffix if args.model is not None else None
+    for name in VoiceLibrary(args.voice_repo, suffix=suffix).list():
         print(name)
     return 0
 
@@ -167,6 +249,12 @@ def _voices(args: argparse.Namespace) -> int:
 def _make_test_checkpoint(args: argparse.Namespace) -> int:
     from .testing import make_test_checkpoint
 
+    if args.directory.is_file():
+        raise InvalidInputError(f"{args.directory}: is a file; give a directory for the checkpoint")
+    if args.directory.is_dir() and any(args.directory.iterdir()) and not args.force:
+        raise InvalidInputError(
+            f"{args.directory}: is not empty; choose a new directory, or pass --force to write into it"
+        )
     root = make_test_checkpoint(args.directory, seed=args.seed)
     print(
         f"Wrote a tiny test checkpoint to {root}\n"

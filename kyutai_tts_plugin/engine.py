@@ -43,6 +43,7 @@ from .errors import (
     InvalidInputError,
     SessionClosedError,
 )
+from .hardware import resolve_device, resolve_dtype
 from .lm import LMModel, LMShape, LMState, Rows, backbone_step, depformer_step, load_lm, quantize_int8
 from .mimi import MimiConfig, MimiModel, MimiStreamingDecoder
 from .sampling import sample_token
@@ -60,7 +61,6 @@ from .types import (
 logger = logging.getLogger(__name__)
 
 FINAL_PADDING = 4  # steps generated after the end of speech, as in the reference
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -390,10 +390,12 @@ class TTSEngine:
         """
         if quantize not in (None, "int8"):
             raise InvalidInputError(f"quantize={quantize!r} is not supported; use None or 'int8'")
+        torch_dtype = resolve_dtype(dtype)
+        dev = resolve_device(device)
         if num_threads is not None:
+            if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+                raise InvalidInputError(f"num_threads={num_threads!r}: use a whole number >= 1")
             torch.set_num_threads(num_threads)
-        torch_dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-        dev = torch.device(device)
         files = resolve_checkpoint(model, revision=revision)
         raw = files.config.raw
         with torch.device("meta"):

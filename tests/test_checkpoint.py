@@ -400,30 +400,69 @@ def _hub_raising(error: Exception) -> Any:
     return fake_download
 
 
-def test_no_network_and_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+@pytest.fixture
+def hub_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine that can connect to the Hub (the requests themselves are faked per test)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(checkpoint, "_hub_unreachable", lambda: False)
+
+
+def test_no_network_and_not_cached(hub_online: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     monkeypatch.setattr(checkpoint, "hf_hub_download", _hub_raising(LocalEntryNotFoundError("no connection")))
     with pytest.raises(CheckpointError) as info:
         resolve_checkpoint("kyutai/tts-1.6b-en_fr", revision="main")
     text = str(info.value)
     assert text.startswith(
         "Cannot get 'config.json' (model configuration) of Hugging Face repo 'kyutai/tts-1.6b-en_fr' "
-        "at revision main: the Hub cannot be reached and the file is not in the local cache. "
+        "at revision main: the Hub (https://huggingface.co) cannot be reached from this machine and the "
+        "file is not in the local cache; set HF_HUB_OFFLINE=1 to use only the cache without trying the Hub. "
     )
     assert "`huggingface-cli download kyutai/tts-1.6b-en_fr`" in text and 'model="/path/to/dir"' in text
 
 
-def test_unknown_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_hub_fails_at_once_from_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No connection to the Hub's host: one quick probe, then the cache only (no half-minute retries)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)
+    for variable in checkpoint._PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(checkpoint, "_hub_seen_reachable", False)
+    probes: list[tuple[Any, float]] = []
+
+    def refuse(address: Any, timeout: float) -> Any:
+        probes.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    asked: list[bool] = []
+
+    def download(*args: Any, **kwargs: Any) -> str:
+        asked.append(kwargs["local_files_only"])
+        raise LocalEntryNotFoundError("not cached")
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(checkpoint.socket, "create_connection", refuse)
+    monkeypatch.setattr(checkpoint, "hf_hub_download", download)
+    with pytest.raises(CheckpointError, match=r"cannot be reached from this machine .* HF_HUB_OFFLINE=1"):
+        resolve_checkpoint("kyutai/tts-1.6b-en_fr")
+    assert probes == [(("huggingface.co", 443), checkpoint._HUB_PROBE_TIMEOUT_S)]
+    assert asked == [True], "an unreachable Hub must not be asked (huggingface_hub would retry for ~30 s)"
+    # Behind a proxy a direct connection proves nothing: the Hub is asked as usual.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    with pytest.raises(CheckpointError):
+        resolve_checkpoint("kyutai/tts-1.6b-en_fr")
+    assert asked == [True, False] and len(probes) == 1
+
+
+def test_unknown_repo(hub_online: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub.errors import RepositoryNotFoundError
 
     # Built without __init__, which wants a response object of huggingface_hub's HTTP client.
     error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
     Exception.__init__(error, "404 Repository Not Found")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(checkpoint, "hf_hub_download", _hub_raising(error))
     with pytest.raises(CheckpointError) as info:
         resolve_checkpoint("someone/typo")
@@ -512,10 +551,10 @@ def test_hf_voices_offline_and_not_cached(offline_cache: Path) -> None:
     with pytest.raises(CheckpointError) as info:
         VoiceLibrary(suffix=TINY_SUFFIX).list()
     assert str(info.value) == (
-        "Cannot list voices of Hugging Face repo 'kyutai/tts-voices': the Hub cannot be reached "
-        f"(or HF_HUB_OFFLINE is set) and nothing of it is in the local cache ({offline_cache}). On a machine "
+        "Cannot list voices of Hugging Face repo 'kyutai/tts-voices': HF_HUB_OFFLINE is set and nothing of "
+        f"it is in the local cache ({offline_cache}). On a machine "
         "with internet access run `hf download kyutai/tts-voices` and copy the cache, or pass a local "
-        "directory of voice files (voice_repo=...)."
+        "directory of voice files (--voice-repo DIR, voice_repo=...)."
     )
 
 
@@ -565,19 +604,17 @@ class _FakeApi:
         return self.files
 
 
-def test_list_hf_voices_online(monkeypatch: pytest.MonkeyPatch, offline_cache: Path) -> None:
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)
+def test_list_hf_voices_online(
+    monkeypatch: pytest.MonkeyPatch, offline_cache: Path, hub_online: None
+) -> None:
     api = type("Api", (_FakeApi,), {"files": ["README.md", "b/x.wav" + TINY_SUFFIX, "a/y.wav" + TINY_SUFFIX]})
     monkeypatch.setattr(checkpoint, "HfApi", api)
     assert VoiceLibrary(suffix=TINY_SUFFIX).list() == ["a/y.wav", "b/x.wav"]
 
 
 def test_list_hf_voices_without_network_falls_back_to_the_cache(
-    monkeypatch: pytest.MonkeyPatch, offline_cache: Path, voices_dir: Path
+    monkeypatch: pytest.MonkeyPatch, offline_cache: Path, voices_dir: Path, hub_online: None
 ) -> None:
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(checkpoint.hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(checkpoint, "HfApi", type("Api", (_FakeApi,), {"error": OSError("network down")}))
     write_hf_cache(offline_cache, DEFAULT_VOICE_REPO, voices_dir)
     assert VoiceLibrary(suffix=TINY_SUFFIX).list() == sorted(TEST_VOICES)
