@@ -38,6 +38,8 @@ from pipecat.processors.aggregators.llm_response_universal import LLMContextAggr
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
+from kyutai_tts_plugin import KyutaiTTSError
+from kyutai_tts_plugin.hardware import resolve_device
 from kyutai_tts_plugin.pipecat import KyutaiTTSService
 
 SYSTEM_PROMPT = (
@@ -132,7 +134,7 @@ async def main() -> None:
     parser.add_argument("--model", help="checkpoint: Hugging Face repo id or local directory")
     parser.add_argument("--voice-repo", help="voices: Hugging Face repo id or local directory")
     parser.add_argument("--voice", help="voice name, e.g. vctk/p225_023.wav")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--threads",
         type=int,
@@ -140,6 +142,10 @@ async def main() -> None:
         help="torch CPU threads (default: all cores but one, which the pipeline needs)",
     )
     args = parser.parse_args()
+    try:
+        resolve_device(args.device)  # a device this machine lacks: say so now, in one line
+    except KyutaiTTSError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
     tts = KyutaiTTSService(
         model=args.model,
@@ -150,7 +156,10 @@ async def main() -> None:
         settings=KyutaiTTSService.Settings(voice=args.voice),
     )
     logger.info("loading the TTS model...")
-    await tts.wait_until_ready()  # the constructor started loading it in the background
+    try:
+        await tts.wait_until_ready()  # the constructor started loading it in the background
+    except KyutaiTTSError as e:
+        parser.exit(2, f"{parser.prog}: error: the TTS model could not be loaded: {e}\n")
 
     context = LLMContext([{"role": "system", "content": SYSTEM_PROMPT}])
     aggregators = LLMContextAggregatorPair(context)

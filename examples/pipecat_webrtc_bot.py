@@ -38,6 +38,8 @@ from pipecat.workers.runner import WorkerRunner
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipecat_bot import SYSTEM_PROMPT, make_llm  # noqa: E402
 
+from kyutai_tts_plugin import KyutaiTTSError  # noqa: E402
+from kyutai_tts_plugin.hardware import resolve_device  # noqa: E402
 from kyutai_tts_plugin.pipecat import KyutaiTTSService  # noqa: E402
 
 PAGE = Path(__file__).resolve().parent / "pipecat_webrtc_client.html"
@@ -151,7 +153,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint: Hugging Face repo id or local directory")
     parser.add_argument("--voice-repo", help="voices: Hugging Face repo id or local directory")
     parser.add_argument("--voice", help="voice name, e.g. vctk/p225_023.wav")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--threads",
         type=int,
@@ -159,6 +161,10 @@ def main() -> None:
         help="torch CPU threads (default: all cores but one, which the pipeline needs)",
     )
     args = parser.parse_args()
+    try:
+        resolve_device(args.device)  # a device this machine lacks: say so now, in one line
+    except KyutaiTTSError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
     def make_tts() -> KyutaiTTSService:
         # Every bot gets its own service; they all share the one engine loaded for these arguments.
@@ -171,10 +177,24 @@ def main() -> None:
             settings=KyutaiTTSService.Settings(voice=args.voice),
         )
 
-    # Start loading the model now, so the first visitor does not wait for it.
-    make_tts()
+    # Start loading the model now, so the first visitor does not wait for it, and say how it went.
+    first = make_tts()
+
+    async def report_loading(app: web.Application) -> None:
+        async def report() -> None:
+            try:
+                await first.wait_until_ready()
+            except KyutaiTTSError as e:
+                logger.error(f"the TTS model could not be loaded, the bots will not speak: {e}")
+            else:
+                logger.info("the TTS model is loaded")
+
+        app["report_loading"] = asyncio.create_task(report())
+
+    app = build_app(make_tts)
+    app.on_startup.append(report_loading)
     logger.info(f"open http://{args.host}:{args.port} in a browser")
-    web.run_app(build_app(make_tts), host=args.host, port=args.port, print=None)
+    web.run_app(app, host=args.host, port=args.port, print=None)
 
 
 if __name__ == "__main__":
