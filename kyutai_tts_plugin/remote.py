@@ -43,6 +43,10 @@ _EOS = None  # outbox marker
 # How far ahead in the sent words a word timing is looked for (the server skips unspeakable words).
 _MATCH_LOOKAHEAD = 16
 _BREAK_PIECE = "<break"
+# The server's close frame codes that end a complete stream: moshi-server sends an empty close payload
+# (aiohttp reports its code as 0; RFC 6455 calls it 1005, "no status received"); ours sends 1000.
+_NO_STATUS = 1005
+_NORMAL_CLOSE_CODES = (0, _NO_STATUS, 1000)
 
 # SessionOptions field -> query parameter understood by `kyutai-tts serve` (moshi-server ignores them,
 # except `voice`). Sent only when different from the defaults, so the server's defaults apply.
@@ -263,6 +267,7 @@ class RemoteSession:
         self._matcher = _TextMatcher()
         self._outbox: list[str | None] = []
         self._flushed = False
+        self._eos_sent = False  # Eos written to the socket: a normal close after it ends the stream
         self._cancelled = False
         self._finished = False
         self._error: BaseException | None = None
@@ -394,7 +399,9 @@ class RemoteSession:
         backend = self._backend
         try:
             ws = await asyncio.wait_for(
-                http.ws_connect(self._url, headers=backend.headers, autoping=True),
+                # autoclose=False: the stream ends on the server's close frame, without waiting for the
+                # close handshake (done in `_run`'s cleanup, bounded).
+                http.ws_connect(self._url, headers=backend.headers, autoping=True, autoclose=False),
                 backend.connect_timeout_s,
             )
         except aiohttp.WSServerHandshakeError as e:
@@ -426,10 +433,14 @@ class RemoteSession:
             for item in items:
                 try:
                     if item is _EOS:
+                        # Marked before the write: the server may answer it (close) before the write
+                        # returns; a failed write means no Eos.
+                        self._eos_sent = True
                         await ws.send_bytes(msgpack.packb({"type": "Eos"}))
                         return
                     await ws.send_bytes(msgpack.packb({"type": "Text", "text": item}))
                 except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                    self._eos_sent = False
                     return  # the receive loop sees the close and reports it
 
     async def _receive_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -437,13 +448,39 @@ class RemoteSession:
             msg = await ws.receive()
             if msg.type == aiohttp.WSMsgType.BINARY:
                 self._handle(msg.data)
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                break
+            elif msg.type == aiohttp.WSMsgType.CLOSE:
+                # The server's close frame; its payload's code (0: an empty payload, "no status").
+                self._check_end(int(msg.data or 0), str(msg.extra or ""))
+                return
+            elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                # No close frame from the server: the connection was lost (or we are closing it).
+                if self._error is None:
+                    raise RemoteError(f"the connection to the server was lost{self._when()}")
+                return
             elif msg.type == aiohttp.WSMsgType.ERROR:
                 raise RemoteError(f"websocket error: {msg.data}")
-        if self._error is None and not (self._flushed and ws.close_code == 1000):
-            reason = f": {msg.extra}" if msg.type == aiohttp.WSMsgType.CLOSE and msg.extra else ""
-            raise RemoteError(f"the server closed the session (code {ws.close_code}{reason})")
+
+    def _check_end(self, code: int, reason: str) -> None:
+        """The server closed the session: the normal end of the stream, or an error.
+
+        moshi-server sends no end marker: once it has had Eos and spoken the text, its last message is
+        the last word's timing and it ends the session with a close frame carrying no status code (the
+        axum/tungstenite default). So the stream is complete when the server closes normally (no status,
+        or 1000) after the client sent Eos, and it sent no Error. Any other close is an error: before
+        Eos was sent (the text was not all spoken), or with another code (1001 going away, 1011, ...).
+        """
+        if self._error is not None:
+            return  # the Error message says more than the close
+        if code in _NORMAL_CLOSE_CODES and self._eos_sent:
+            return
+        status = "no status code" if code in (0, _NO_STATUS) else f"code {code}"
+        detail = f": {reason}" if reason else ""
+        raise RemoteError(f"the server closed the session ({status}{detail}){self._when()}")
+
+    def _when(self) -> str:
+        if self._eos_sent:
+            return ""
+        return " before the end of the text (Eos not sent yet)"
 
     def _handle(self, data: bytes) -> None:
         try:
