@@ -275,6 +275,7 @@ class RemoteSession:
         self._samples = 0
         self._outbox_ready = asyncio.Event()
         self._event_ready = asyncio.Event()
+        self._cleanup: asyncio.Future[None] | None = None  # closing the websocket and HTTP session
         self._task = loop.create_task(self._run(), name=f"kyutai-tts {self._id}")
 
     # -- the public contract ------------------------------------------------------------------
@@ -387,12 +388,20 @@ class RemoteSession:
         finally:
             if sender is not None:
                 sender.cancel()
+            # Shielded: a cancel() during the close handshake (adapters cancel a session as soon as it
+            # ends or fails) must not skip closing the HTTP session; the cleanup finishes on its own.
+            self._cleanup = asyncio.ensure_future(self._close(ws, http if own else None))
+            await asyncio.shield(self._cleanup)
+
+    @staticmethod
+    async def _close(ws: aiohttp.ClientWebSocketResponse | None, http: aiohttp.ClientSession | None) -> None:
+        try:
             if ws is not None and not ws.closed:
-                try:
-                    await asyncio.wait_for(ws.close(), 5.0)
-                except (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError, RuntimeError):
-                    pass
-            if own:
+                await asyncio.wait_for(ws.close(), 5.0)
+        except (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError, RuntimeError):
+            pass
+        finally:  # even when the loop shuts down and cancels this
+            if http is not None:
                 await http.close()
 
     async def _connect(self, http: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:

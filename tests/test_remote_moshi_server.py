@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import msgpack
 import numpy as np
 import pytest
@@ -66,6 +67,26 @@ async def only_session(server: FakeMoshiServer) -> Any:
     session = server.sessions[0]
     await asyncio.wait_for(session.done.wait(), HANG_GUARD_S)
     return session
+
+
+# -- what the client library sees ------------------------------------------------------------------
+
+
+async def test_aiohttp_sees_an_empty_close_frame_as_code_0(moshi: FakeMoshiServer) -> None:
+    """The fact `RemoteTTS` relies on: aiohttp reports moshi-server's close frame (no status code) as a
+    CLOSE message with data 0; its own close handshake then ends with 1006 (the server drops the TCP
+    connection after the client's reply, as tokio-tungstenite does)."""
+    async with aiohttp.ClientSession() as http:
+        url = f"{moshi.url}/api/tts_streaming?format=PcmMessagePack"
+        async with http.ws_connect(url, headers={"kyutai-api-key": KEY}, autoclose=True) as ws:
+            await ws.send_bytes(msgpack.packb({"type": "Eos"}))  # no text: moshi-server closes at once
+            first = await asyncio.wait_for(ws.receive(), HANG_GUARD_S)
+            assert msgpack.unpackb(first.data) == {"type": "Ready"}
+            end = await asyncio.wait_for(ws.receive(), HANG_GUARD_S)
+            assert end.type == aiohttp.WSMsgType.CLOSE and end.data == 0
+            assert ws.close_code == 1006
+    fake = await only_session(moshi)
+    assert fake.sent == [{"type": "Ready"}] and fake.ended == "close"
 
 
 # -- RemoteTTS directly ---------------------------------------------------------------------------
