@@ -118,6 +118,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         "padding_bonus": args.padding_bonus,
     }
     options = SessionOptions(**{k: v for k, v in given.items() if v is not None})
+    options.validate()  # the model-independent checks, before loading the model; the engine does the rest
     engine = TTSEngine.from_pretrained(
         args.model, voice_repo=args.voice_repo, device=args.device, dtype=args.dtype, max_sessions=1
     )

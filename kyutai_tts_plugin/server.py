@@ -26,7 +26,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 import re
 import struct
@@ -168,6 +167,25 @@ _OPTION_PARAMS: tuple[tuple[str, str, type], ...] = (
 _AUDIO_PACKER_OPTS = {"use_single_float": True}  # float32 samples, as moshi-server (rmp_serde f32)
 
 
+def _parse_param(raw: Any, parse: type) -> int | float | None:
+    """A query string or JSON value as the option's type; None if it is not one. Ranges are checked by
+    `SessionOptions.validate`; here only the type: no bools, no fractional integers, no lists."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, str):
+        try:
+            return parse(raw)  # type: ignore[no-any-return]  # int("9" * 5000) raises ValueError
+        except ValueError:
+            return None
+    if parse is float and isinstance(raw, (int, float)):
+        return raw
+    if parse is int and isinstance(raw, int):
+        return raw
+    if parse is int and isinstance(raw, float) and raw.is_integer():
+        return int(raw)  # JSON writers may send 8.0 for 8
+    return None
+
+
 def _pack(message: Mapping[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
@@ -247,30 +265,31 @@ class TTSServer:
                 del self._per_key[key]
 
     def _options(self, params: Mapping[str, Any]) -> SessionOptions:
+        """Session options from query parameters (strings) or a JSON body (typed values), checked by the
+        engine's own validation (without taking a slot); raises `bad_request` naming the parameter."""
         values: dict[str, Any] = {}
         for field, param, parse in _OPTION_PARAMS:
             raw = params.get(param)
             if raw is None or raw == "":
                 continue
-            try:
-                value = parse(raw) if not isinstance(raw, bool) else None
-            except (TypeError, ValueError):
-                value = None
-            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            value = _parse_param(raw, parse)
+            if value is None:
                 kind = "an integer" if parse is int else "a number"
                 raise ProtocolError(
                     "bad_request", f"invalid parameter {param}={str(raw)[:40]!r}: expected {kind}"
                 )
             values[field] = value
-        seed = values.get("seed")
-        if seed is not None and not 0 <= seed < 2**63:
-            raise ProtocolError("bad_request", "invalid parameter seed: expected 0 <= seed < 2**63")
         voice = params.get("voice")
         if voice is not None and voice != "":
             if not isinstance(voice, str):
                 raise ProtocolError("invalid_voice", "invalid voice: expected a voice name (a string)")
             values["voice"] = voice
-        return SessionOptions(**values)
+        options = SessionOptions(**values)
+        try:
+            self.engine._validate(options)
+        except InvalidInputError as e:
+            raise ProtocolError("bad_request", f"invalid parameter: {e}") from None
+        return options
 
     def _check_voice_name(self, name: str) -> str:
         """The voice name without the model suffix; raises `invalid_voice` for anything that could name a
