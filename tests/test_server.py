@@ -337,9 +337,14 @@ async def test_engine_full_is_no_free_channels(
 
     monkeypatch.setattr(tiny_engine, "open_session", full)
     ws = await ws_session(server)
+    assert msgpack.unpackb((await ws.receive()).data) == {"type": "Ready"}
+    await ws.send_bytes(
+        msgpack.packb({"type": "Text", "text": "hello"})
+    )  # the slot is taken at the first text
     error = await expect_error(ws, "no_free_channels", 1013)
     assert error["message"].startswith("no free channels")  # what moshi-server says; Unmute checks it
     session = RemoteTTS(server.url, api_key=KEY).open_session(GREEDY)
+    session.push_text("hello")
     session.flush()
     with pytest.raises(EngineFullError):
         await collect(session)
