@@ -10,10 +10,13 @@ clients (Unmute, ``scripts/tts_rust_server.py``) work against it unchanged:
   word boundary), ``{"type": "Eos"}``; also a websocket text frame (= Text) and the binary frame
   ``b"\\0"`` (= Eos). Server -> client: ``Ready``, then ``Text {text, start_s, stop_s}`` (word timings on
   the audio timeline) and ``Audio {pcm: 1920 float32}`` in order, then a normal close (1000); or
-  ``Error {message, code}`` followed by a close with a reason.
+  ``Error {message, code}`` followed by a close with a reason (every refusal, aiohttp's own included).
+  The engine session (a slot or a queue place) is taken at the first Text: an idle connection holds
+  only its per-key place, until the idle timeout.
 * ``POST /api/tts`` and ``POST /api/tts_streaming``: JSON ``{"text", "voice", ...options}`` or a
   ``text/plain`` body; chunked audio back (``format=wav`` (default, 16-bit), ``pcm`` (s16le),
-  ``pcm_f32le``).
+  ``pcm_f32le``). The body must arrive within ``body_timeout_s``; the whole request lasts at most
+  ``max_session_s``, as a websocket session.
 * ``GET /api/health`` (no key needed), ``GET /api/voices``, ``GET /metrics`` (Prometheus text).
 """
 
@@ -968,7 +971,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds without a message before Eos"
     )
-    parser.add_argument("--max-session-seconds", type=float, default=d.max_session_s, help="longest session")
+    parser.add_argument(
+        "--max-session-seconds",
+        type=float,
+        default=d.max_session_s,
+        help="longest session, websocket or HTTP (default 900)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout_s,
+        help="seconds an HTTP request body may take to arrive (default 30)",
+    )
     parser.add_argument(
         "--send-timeout", type=float, default=d.send_timeout_s, help="seconds a client may stall reading"
     )
@@ -993,6 +1007,7 @@ def limits_from(args: argparse.Namespace) -> ServerLimits:
         idle_timeout_s=args.idle_timeout,
         max_session_s=args.max_session_seconds,
         send_timeout_s=args.send_timeout,
+        body_timeout_s=args.body_timeout,
     )
 
 

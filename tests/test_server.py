@@ -664,7 +664,11 @@ def test_serve_arguments(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None
     keys = tmp_path / "keys"
     keys.write_text("# comment\nfile-key\n\n")
     monkeypatch.setenv("KYUTAI_TTS_API_KEYS", "env-a, env-b")
-    args = parser.parse_args(["--api-key", "cli-key", "--api-key-file", str(keys), "--idle-timeout", "5"])
+    args = parser.parse_args(
+        ["--api-key", "cli-key", "--api-key-file", str(keys), "--idle-timeout", "5", "--body-timeout", "7"]
+    )
     assert args.host == "127.0.0.1" and args.port == 8080
     assert api_keys_from(args) == ["cli-key", "env-a", "env-b", "file-key"]
-    assert limits_from(args).idle_timeout_s == 5.0
+    limits = limits_from(args)
+    assert limits.idle_timeout_s == 5.0 and limits.body_timeout_s == 7.0
+    assert limits.max_sessions_per_key is None  # half the engine's capacity, computed by the server
