@@ -252,12 +252,13 @@ async def raw_request(server: RunningServer, request: bytes, *, close_after: boo
 
 async def test_non_utf8_api_key_is_a_401(make_server: StartServer) -> None:
     server = await make_server()
-    for path in (b"/api/voices", b"/api/tts_streaming"):
-        request = (
-            b"GET "
-            + path
-            + b" HTTP/1.1\r\nHost: x\r\nkyutai-api-key: \xff\xfe\xc3\r\nConnection: close\r\n\r\n"
-        )
+    requests = [
+        b"GET /api/voices HTTP/1.1\r\nHost: x\r\nkyutai-api-key: \xff\xfe\xc3\r\nConnection: close\r\n\r\n",
+        b"GET /api/tts_streaming HTTP/1.1\r\nHost: x\r\nkyutai-api-key: \xed\xa0\x80\r\n"
+        b"Connection: close\r\n\r\n",
+        b"GET /api/voices?auth_id=%ff%ed%a0%80 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]
+    for request in requests:
         response = await raw_request(server, request)
         assert response.startswith(b"HTTP/1.1 401"), response[:200]
         assert b"kyutai-api-key" in response
