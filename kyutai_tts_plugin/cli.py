@@ -185,6 +185,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         "padding_bonus": args.padding_bonus,
     }
     options = SessionOptions(**{k: v for k, v in given.items() if v is not None})
+    options.validate()  # the model-independent checks, before loading the model; the engine does the rest
     engine = TTSEngine.from_pretrained(
         args.model, voice_repo=args.voice_repo, max_sessions=1, **engine_options(args)
     )

@@ -514,18 +514,9 @@ class TTSEngine:
         return remove
 
     def _validate(self, o: SessionOptions) -> None:
-        values = self.model.cfg_values()
-        if values and o.cfg_coef not in values:
-            raise InvalidInputError(
-                f"cfg_coef={o.cfg_coef} is not supported by this checkpoint; use one of "
-                + ", ".join(f"{v:g}" for v in values)
-            )
-        if not 1 <= o.n_q <= self.model.shape.dep_q:
-            raise InvalidInputError(f"n_q={o.n_q} is out of range; use 1..{self.model.shape.dep_q}")
-        if o.temperature < 0 or o.top_k < 0 or o.top_k_text < 0:
-            raise InvalidInputError("temperature, top_k and top_k_text must be >= 0")
-        if not np.isfinite(o.padding_bonus):
-            raise InvalidInputError("padding_bonus must be a finite number")
+        shape = self.model.shape  # the one shared check (types.py), with this checkpoint's bounds
+        bounds = {"n_q_max": shape.dep_q, "audio_vocab": shape.card, "text_vocab": shape.text_card}
+        o.validate(cfg_values=self.model.cfg_values(), **bounds)
 
     def _wake(self) -> None:
         if self.max_buffered_frames is not None:

@@ -10,10 +10,13 @@ clients (Unmute, ``scripts/tts_rust_server.py``) work against it unchanged:
   word boundary), ``{"type": "Eos"}``; also a websocket text frame (= Text) and the binary frame
   ``b"\\0"`` (= Eos). Server -> client: ``Ready``, then ``Text {text, start_s, stop_s}`` (word timings on
   the audio timeline) and ``Audio {pcm: 1920 float32}`` in order, then a normal close (1000); or
-  ``Error {message, code}`` followed by a close with a reason.
+  ``Error {message, code}`` followed by a close with a reason (every refusal, aiohttp's own included).
+  The engine session (a slot or a queue place) is taken at the first Text: an idle connection holds
+  only its per-key place, until the idle timeout.
 * ``POST /api/tts`` and ``POST /api/tts_streaming``: JSON ``{"text", "voice", ...options}`` or a
   ``text/plain`` body; chunked audio back (``format=wav`` (default, 16-bit), ``pcm`` (s16le),
-  ``pcm_f32le``).
+  ``pcm_f32le``). The body must arrive within ``body_timeout_s``; the whole request lasts at most
+  ``max_session_s``, as a websocket session.
 * ``GET /api/health`` (no key needed), ``GET /api/voices``, ``GET /metrics`` (Prometheus text).
 """
 
@@ -26,7 +29,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 import re
 import struct
@@ -38,6 +40,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+import aiohttp.http_exceptions
 import msgpack
 from aiohttp import WSMsgType, web
 
@@ -46,6 +50,7 @@ from .errors import (
     EngineFullError,
     EngineTimeoutError,
     InvalidInputError,
+    SessionClosedError,
     VoiceNotFoundError,
 )
 from .types import SAMPLE_RATE, AudioChunk, SessionOptions, WordTiming
@@ -72,12 +77,15 @@ ERROR_CODES: dict[str, tuple[int, int]] = {
     "no_free_channels": (1013, 503),
     "queue_timeout": (1013, 503),
     "message_too_large": (1009, 413),
+    "invalid_text": (1007, 400),  # a websocket text frame that is not UTF-8
+    "protocol_violation": (1002, 400),  # a frame that breaks the websocket protocol (RFC 6455)
     "text_too_long": (1008, 413),
     "malformed_message": (1003, 400),
     "unsupported": (1003, 400),
     "text_after_eos": (1008, 400),
     "idle_timeout": (1008, 408),
     "session_too_long": (1008, 408),
+    "body_timeout": (1008, 408),
     "slow_reader": (1008, 408),
     "engine_error": (1011, 500),
     "internal_error": (1011, 500),
@@ -109,9 +117,13 @@ class _ClientGone(Exception):
 class ServerLimits:
     max_message_bytes: int = 64 * 1024  # one websocket message or one HTTP body
     max_text_chars: int = 20_000  # text per session (about 20 minutes of speech)
-    max_sessions_per_key: int = 64  # concurrent sessions per API key (all anonymous clients share one)
+    # Concurrent sessions (websocket connections and HTTP requests) per API key; all anonymous clients
+    # share one. None: half the engine's capacity (max_sessions + max_waiting), at least 1, so that one key
+    # cannot take every slot and queue place.
+    max_sessions_per_key: int | None = None
     idle_timeout_s: float = 30.0  # no client message for this long before Eos (moshi-server: 30 s)
-    max_session_s: float = 900.0  # a whole session, connection to last audio
+    max_session_s: float = 900.0  # a whole session (websocket or HTTP), connection to last audio
+    body_timeout_s: float = 30.0  # an HTTP request body not received within this is refused
     send_timeout_s: float = 30.0  # one message not taken by the client for this long: slow reader
     # After the last audio, how long the client may take to read up to our close frame: socket buffers can
     # hold many seconds of audio for a client that reads at playback speed, and closing early loses it.
@@ -165,11 +177,43 @@ _OPTION_PARAMS: tuple[tuple[str, str, type], ...] = (
     ("padding_bonus", "padding_bonus", float),
 )
 
+# Text up to this many characters is pushed on the event loop (microseconds); longer text is tokenized in
+# a thread, _PUSH_PIECE_CHARS at a time.
+_INLINE_PUSH_CHARS = 256
+_PUSH_PIECE_CHARS = 512
+# What a client is told when the engine fails; the details (which may name server files) go to the log.
+_ENGINE_ERROR_MESSAGE = "the engine failed while synthesizing this session; details are in the server log"
+# An absolute path of three segments or more, not inside a relative name ("expresso/ex03/...").
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\":,;]+){3,}")
+
 _AUDIO_PACKER_OPTS = {"use_single_float": True}  # float32 samples, as moshi-server (rmp_serde f32)
+
+
+def _parse_param(raw: Any, parse: type) -> int | float | None:
+    """A query string or JSON value as the option's type; None if it is not one. Ranges are checked by
+    `SessionOptions.validate`; here only the type: no bools, no fractional integers, no lists."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, str):
+        try:
+            return parse(raw)  # type: ignore[no-any-return]  # int("9" * 5000) raises ValueError
+        except ValueError:
+            return None
+    if parse is float and isinstance(raw, (int, float)):
+        return raw
+    if parse is int and isinstance(raw, int):
+        return raw
+    if parse is int and isinstance(raw, float) and raw.is_integer():
+        return int(raw)  # JSON writers may send 8.0 for 8
+    return None
 
 
 def _pack(message: Mapping[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
+
+
+def _pack_error(code: str, message: str) -> bytes:
+    return _pack({"type": "Error", "message": message, "code": code})
 
 
 def _pack_audio(pcm: Any) -> bytes:
@@ -196,6 +240,9 @@ class TTSServer:
         # Compare digests, not keys: equal lengths, so timing reveals nothing about a key's length either.
         self._key_digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in api_keys if k]
         self._per_key: Counter[str] = Counter()
+        capacity = engine.max_sessions + engine.max_waiting
+        given = self.limits.max_sessions_per_key
+        self.max_sessions_per_key = given if given is not None else max(1, capacity // 2)
         self.metrics = Metrics()
 
     # -- application --------------------------------------------------------------------------
@@ -218,7 +265,13 @@ class TTSServer:
             return "anonymous"
         given = request.headers.get(API_KEY_HEADER) or request.query.get("auth_id")
         if given:
-            digest = hashlib.sha256(given.encode("utf-8")).digest()
+            # aiohttp keeps undecodable header bytes as lone surrogates: give those bytes back, so that a
+            # non-UTF-8 key is just a wrong key (never a 500).
+            try:
+                raw = given.encode("utf-8", errors="surrogateescape")
+            except UnicodeEncodeError:
+                raw = b""  # matches no key
+            digest = hashlib.sha256(raw).digest()
             match = None
             for i, key in enumerate(self._key_digests):  # no early exit: same time for every key
                 if hmac.compare_digest(digest, key):
@@ -233,7 +286,7 @@ class TTSServer:
 
     @contextmanager
     def _key_slot(self, key: str) -> Iterator[None]:
-        limit = self.limits.max_sessions_per_key
+        limit = self.max_sessions_per_key
         if self._per_key[key] >= limit:
             raise ProtocolError(
                 "too_many_sessions", f"too many concurrent sessions for this API key (limit {limit})"
@@ -247,30 +300,31 @@ class TTSServer:
                 del self._per_key[key]
 
     def _options(self, params: Mapping[str, Any]) -> SessionOptions:
+        """Session options from query parameters (strings) or a JSON body (typed values), checked by the
+        engine's own validation (without taking a slot); raises `bad_request` naming the parameter."""
         values: dict[str, Any] = {}
         for field, param, parse in _OPTION_PARAMS:
             raw = params.get(param)
             if raw is None or raw == "":
                 continue
-            try:
-                value = parse(raw) if not isinstance(raw, bool) else None
-            except (TypeError, ValueError):
-                value = None
-            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            value = _parse_param(raw, parse)
+            if value is None:
                 kind = "an integer" if parse is int else "a number"
                 raise ProtocolError(
                     "bad_request", f"invalid parameter {param}={str(raw)[:40]!r}: expected {kind}"
                 )
             values[field] = value
-        seed = values.get("seed")
-        if seed is not None and not 0 <= seed < 2**63:
-            raise ProtocolError("bad_request", "invalid parameter seed: expected 0 <= seed < 2**63")
         voice = params.get("voice")
         if voice is not None and voice != "":
             if not isinstance(voice, str):
                 raise ProtocolError("invalid_voice", "invalid voice: expected a voice name (a string)")
             values["voice"] = voice
-        return SessionOptions(**values)
+        options = SessionOptions(**values)
+        try:
+            self.engine._validate(options)
+        except InvalidInputError as e:
+            raise ProtocolError("bad_request", f"invalid parameter: {e}") from None
+        return options
 
     def _check_voice_name(self, name: str) -> str:
         """The voice name without the model suffix; raises `invalid_voice` for anything that could name a
@@ -311,21 +365,41 @@ class TTSServer:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         return f"unknown voice {name[:80]!r}{hint}; GET /api/voices lists the available voices"
 
-    async def _open(self, options: SessionOptions) -> StreamingSession:
+    async def _prepare(self, options: SessionOptions) -> SessionOptions:
+        """Check the voice (at connect time, before any text); the options are already validated."""
         if options.voice is not None:
             bare = self._check_voice_name(options.voice)
             await asyncio.to_thread(self._resolve_voice, bare)
             options = replace(options, voice=bare)
+        return options
+
+    def _start(self, options: SessionOptions) -> StreamingSession:
+        """Take an engine session (a slot or a queue place)."""
         try:
-            return self.engine.open_session(options)
+            session = self.engine.open_session(options)
         except VoiceNotFoundError:
             raise ProtocolError("unknown_voice", self._unknown_voice_message(options.voice or "")) from None
         except EngineFullError as e:
             raise ProtocolError("no_free_channels", f"no free channels: {e}") from None
         except InvalidInputError as e:
             raise ProtocolError("bad_request", str(e)) from None
-        except EngineFailure as e:
-            raise ProtocolError("engine_error", str(e)) from None
+        except EngineFailure:
+            raise ProtocolError("engine_error", _ENGINE_ERROR_MESSAGE) from None
+        self.metrics.sessions["started"] += 1
+        return session
+
+    async def _push(self, session: StreamingSession, text: str) -> None:
+        """Push text in order. A large text is tokenized off the event loop, in pieces, so that it delays
+        neither other connections (event loop) nor other sessions (the engine lock, held per piece)."""
+        try:
+            if len(text) <= _INLINE_PUSH_CHARS:
+                session.push_text(text)
+            else:
+                await asyncio.to_thread(_push_in_pieces, session, text)
+        except SessionClosedError:
+            raise _ClientGone() from None  # cancelled meanwhile: the connection is being torn down
+        except InvalidInputError as e:  # e.g. a break tag over the limit
+            raise ProtocolError("bad_request", str(e)) from None
 
     @staticmethod
     async def _events(session: StreamingSession) -> AsyncIterator[AudioChunk | WordTiming]:
@@ -336,20 +410,22 @@ class TTSServer:
         except EngineTimeoutError as e:
             raise ProtocolError("queue_timeout", str(e)) from None
         except EngineFailure as e:
-            raise ProtocolError("engine_error", str(e)) from None
+            # The engine's own message may name server files (a truncated voice file): it goes to the log.
+            logger.warning("session %s failed in the engine: %s", session.id, e)
+            raise ProtocolError("engine_error", _ENGINE_ERROR_MESSAGE) from None
 
     def _http_error(self, e: ProtocolError) -> web.Response:
         self.metrics.errors[e.code] += 1
-        body = {"type": "Error", "message": e.message, "code": e.code}
+        body = {"type": "Error", "message": _without_paths(e.message), "code": e.code}
         return web.json_response(body, status=e.http_status)
 
     # -- websocket route ----------------------------------------------------------------------
 
     async def _ws_handler(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(
+        ws = _ReportingWebSocket(
             compress=False,  # float audio does not compress; deflate would only cost CPU
-            # aiohttp's own limit (it closes with 1009) is a backstop above ours, so that a message over
-            # our limit gets a protocol Error first.
+            # aiohttp's own limit is a backstop above ours, so that a message over our limit gets a
+            # protocol Error first; over the backstop, _ReportingWebSocket still says why.
             max_msg_size=4 * self.limits.max_message_bytes,
             heartbeat=self.limits.heartbeat_s,
             timeout=self.limits.close_timeout_s,
@@ -368,13 +444,14 @@ class TTSServer:
                 )
         except ProtocolError as e:
             return self._http_error(e)
+        ws.reporting = (fmt == "PcmMessagePack", self.limits.max_message_bytes, self.metrics)
         await ws.prepare(request)
         conn = _Connection(ws, fmt == "PcmMessagePack", self.limits)
         self.metrics.connections += 1
         try:
             with self._key_slot(key):
-                session = await self._open(self._options(request.query))
-                await self._ws_serve(conn, session)
+                options = await self._prepare(self._options(request.query))
+                await self._ws_serve(conn, options)
         except ProtocolError as e:
             self.metrics.errors[e.code] += 1
             await conn.fail(e)
@@ -388,13 +465,16 @@ class TTSServer:
             self.metrics.connections -= 1
         return ws
 
-    async def _ws_serve(self, conn: _Connection, session: StreamingSession) -> None:
-        self.metrics.sessions["started"] += 1
+    async def _ws_serve(self, conn: _Connection, options: SessionOptions) -> None:
+        """Ready, then the engine session from the first Text on (an idle connection holds no slot)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.max_session_s
+        opened: asyncio.Future[StreamingSession | None] = loop.create_future()
         reader = writer = None
         try:
             await conn.send_message({"type": "Ready"})
-            writer = asyncio.create_task(self._ws_write(conn, session))
-            reader = asyncio.create_task(self._ws_read(conn, session))
+            writer = asyncio.create_task(self._ws_write(conn, opened))
+            reader = asyncio.create_task(self._ws_read(conn, options, opened, deadline))
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if writer in done and writer.exception() is None:
                 # All audio sent. Stop reading first: aiohttp's close() from another task than a pending
@@ -402,23 +482,32 @@ class TTSServer:
                 # client still reading buffered audio would then see an abnormal close (1006).
                 await _stop(reader)
                 await conn.close(1000, b"")
-                self.metrics.sessions["completed"] += 1
+                if opened.result() is not None:
+                    self.metrics.sessions["completed"] += 1
                 return
-            session.cancel()  # client gone or protocol error: free the engine slot now
+            _cancel(opened)  # client gone or protocol error: free the engine slot now
             for task in (reader, writer):
                 if task in done and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
-            self.metrics.sessions["cancelled"] += 1
+            if opened.done() and opened.result() is not None:
+                self.metrics.sessions["cancelled"] += 1
         finally:
-            session.cancel()
+            _cancel(opened)
             await _stop(reader)
             await _stop(writer)
 
-    async def _ws_read(self, conn: _Connection, session: StreamingSession) -> None:
-        """Client messages -> the session. Returns when the client closes; raises ProtocolError."""
+    async def _ws_read(
+        self,
+        conn: _Connection,
+        options: SessionOptions,
+        opened: asyncio.Future[StreamingSession | None],
+        deadline: float,
+    ) -> None:
+        """Client messages -> the session, opened at the first Text (`opened` gets it, or None for an Eos
+        before any text). Returns when the client closes; raises ProtocolError."""
         limits = self.limits
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + limits.max_session_s
+        session: StreamingSession | None = None
         flushed = False
         chars = 0
         while True:
@@ -438,14 +527,17 @@ class TTSServer:
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
             if msg.type == WSMsgType.ERROR:
-                # aiohttp already closed the socket with a reason (e.g. 1009 over its backstop limit)
+                # aiohttp refused a frame; _ReportingWebSocket already sent the Error and closed
                 raise _ClientGone()
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 continue
             kind, text = self._parse(msg.type, msg.data)
             if kind == "eos":
                 if not flushed:
-                    session.flush()
+                    if session is not None:
+                        session.flush()
+                    elif not opened.done():
+                        opened.set_result(None)  # no text at all: nothing to speak, a clean end
                     flushed = True
                 continue
             if flushed:
@@ -459,8 +551,11 @@ class TTSServer:
                     f"text exceeds the limit of {limits.max_text_chars} characters per session",
                 )
             if text:
+                if session is None:
+                    session = self._start(options)
+                    opened.set_result(session)
                 # moshi-server splits each message into whole words: the end of a message ends a word.
-                session.push_text(text + " ")
+                await self._push(session, text + " ")
 
     def _parse(self, kind: WSMsgType, data: str | bytes) -> tuple[str, str]:
         size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
@@ -499,7 +594,10 @@ class TTSServer:
             "malformed_message", f"unknown message type {obj['type'][:40]!r}: expected Text or Eos"
         )
 
-    async def _ws_write(self, conn: _Connection, session: StreamingSession) -> None:
+    async def _ws_write(self, conn: _Connection, opened: asyncio.Future[StreamingSession | None]) -> None:
+        session = await opened
+        if session is None:
+            return
         async for event in self._events(session):
             if isinstance(event, AudioChunk):
                 if conn.msgpack:
@@ -517,70 +615,82 @@ class TTSServer:
     async def _http_handler(self, request: web.Request) -> web.StreamResponse:
         response: web.StreamResponse | None = None
         try:
-            key = self._authenticate(request)
-            params, text = await self._read_body(request)
-            fmt = str(params.get("format") or "wav")
-            if fmt not in HTTP_FORMATS:
-                raise ProtocolError(
-                    "bad_request", f"unsupported format {fmt[:40]!r}: use {', '.join(HTTP_FORMATS)}"
-                )
-            with self._key_slot(key):
-                session = await self._open(self._options(params))
-                self.metrics.sessions["started"] += 1
-                try:
-                    session.push_text(text)
-                    session.flush()
-                    events = self._events(session)
-                    # Wait for the first event before sending headers, so that a queue timeout or an
-                    # engine error still gets a proper status.
-                    first = await anext(events, None)
-                    response = web.StreamResponse(headers={"Content-Type": HTTP_FORMATS[fmt]})
-                    response.enable_chunked_encoding()
-                    await response.prepare(request)
-                    if fmt == "wav":
-                        await self._write(response, _wav_header())
-                    if first is not None:
-                        await self._write_event(response, first, fmt)
-                    async for event in events:
-                        await self._write_event(response, event, fmt)
-                    await response.write_eof()
-                    self.metrics.sessions["completed"] += 1
-                    return response
-                finally:
-                    session.cancel()
+            async with asyncio.timeout(self.limits.max_session_s):
+                key = self._authenticate(request)
+                params, text = await self._read_body(request)
+                fmt = str(params.get("format") or "wav")
+                if fmt not in HTTP_FORMATS:
+                    raise ProtocolError(
+                        "bad_request", f"unsupported format {fmt[:40]!r}: use {', '.join(HTTP_FORMATS)}"
+                    )
+                with self._key_slot(key):
+                    session = self._start(await self._prepare(self._options(params)))
+                    try:
+                        await self._push(session, text)
+                        session.flush()
+                        events = self._events(session)
+                        # Wait for the first event before sending headers, so that a queue timeout or an
+                        # engine error still gets a proper status.
+                        first = await anext(events, None)
+                        response = web.StreamResponse(headers={"Content-Type": HTTP_FORMATS[fmt]})
+                        response.enable_chunked_encoding()
+                        await response.prepare(request)
+                        if fmt == "wav":
+                            await self._write(response, _wav_header())
+                        if first is not None:
+                            await self._write_event(response, first, fmt)
+                        async for event in events:
+                            await self._write_event(response, event, fmt)
+                        await response.write_eof()
+                        self.metrics.sessions["completed"] += 1
+                        return response
+                    finally:
+                        session.cancel()
+        except TimeoutError:  # asyncio.timeout: the whole request took longer than max_session_s
+            return self._http_failed(
+                response,
+                ProtocolError("session_too_long", f"session exceeded {self.limits.max_session_s:g} s"),
+            )
         except ProtocolError as e:
-            if response is None:
-                return self._http_error(e)
-            # Headers are gone: the only way to tell the client is to end the stream uncleanly.
-            self.metrics.errors[e.code] += 1
-            self.metrics.sessions["failed"] += 1
-            logger.warning("HTTP synthesis failed mid-stream: %s", e.message)
-            response.force_close()
-            return response
+            return self._http_failed(response, e)
         except _ClientGone:
+            # Once per connection, and not an error of ours: the client hung up (upload or download).
+            logger.info("HTTP client disconnected before the end of its request")
             self.metrics.sessions["cancelled"] += 1
-            assert response is not None
-            return response
+            return response if response is not None else web.Response(status=499)
         except Exception:
             logger.exception("HTTP synthesis failed")
-            if response is None:
-                return self._http_error(ProtocolError("internal_error", "internal server error"))
-            response.force_close()
-            return response
+            return self._http_failed(response, ProtocolError("internal_error", "internal server error"))
+
+    def _http_failed(self, response: web.StreamResponse | None, e: ProtocolError) -> web.StreamResponse:
+        if response is None:
+            return self._http_error(e)
+        # Headers are gone: the only way to tell the client is to end the stream uncleanly.
+        self.metrics.errors[e.code] += 1
+        self.metrics.sessions["failed"] += 1
+        logger.warning("HTTP synthesis failed mid-stream: %s", e.message)
+        response.force_close()
+        return response
 
     async def _read_body(self, request: web.Request) -> tuple[dict[str, Any], str]:
         try:
-            body = await request.read()
+            body = await asyncio.wait_for(request.read(), self.limits.body_timeout_s)
         except web.HTTPRequestEntityTooLarge:
             raise ProtocolError(
                 "message_too_large",
                 f"request body exceeds the limit of {self.limits.max_message_bytes} bytes",
             ) from None
+        except asyncio.TimeoutError:
+            raise ProtocolError(
+                "body_timeout", f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
+            ) from None
+        except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError):
+            raise _ClientGone() from None  # the connection was lost mid-upload
         params: dict[str, Any] = dict(request.query)
         if request.content_type == "application/json":
             try:
                 obj = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested thousands of levels deep
                 obj = None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise ProtocolError("malformed_message", 'malformed JSON body: expected {"text": "...", ...}')
@@ -681,13 +791,65 @@ class _Connection:
         """Tell the client what went wrong (Error message, then the close reason), then close."""
         if self.ws.closed:
             return
+        message = _without_paths(error.message)
         if self.msgpack:
             try:
-                message = {"type": "Error", "message": error.message, "code": error.code}
-                await asyncio.wait_for(self.ws.send_bytes(_pack(message)), 2.0)
+                await asyncio.wait_for(self.ws.send_bytes(_pack_error(error.code, message)), 2.0)
             except (asyncio.TimeoutError, ConnectionError, RuntimeError):
                 pass
-        await self.close(error.close_code, _close_reason(error.message))
+        await self.close(error.close_code, _close_reason(message))
+
+
+class _ReportingWebSocket(web.WebSocketResponse):
+    """A websocket that says why when aiohttp itself refuses a frame (over its size backstop, invalid
+    UTF-8 text, a protocol violation): aiohttp closes with a bare code; this sends the Error message and
+    a close reason first, as for every other refusal."""
+
+    # (send Error messages, our message size limit, metrics); set by the handler before prepare()
+    reporting: tuple[bool, int, Metrics] | None = None
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        refusal = _AIOHTTP_REFUSALS.get(code)
+        if refusal is not None and not message and not self.closed and self.reporting is not None:
+            send_errors, max_bytes, metrics = self.reporting
+            error_code, text = refusal
+            text = text.format(max_bytes=max_bytes)
+            metrics.errors[error_code] += 1
+            if send_errors:
+                try:
+                    await asyncio.wait_for(self.send_bytes(_pack_error(error_code, text)), 2.0)
+                except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                    pass
+            message = _close_reason(text)
+        return await super().close(code=code, message=message, drain=drain)
+
+
+# close code aiohttp uses -> (our error code, message)
+_AIOHTTP_REFUSALS: dict[int, tuple[str, str]] = {
+    1009: ("message_too_large", "message exceeds the limit of {max_bytes} bytes"),
+    1007: (
+        "invalid_text",
+        "a text frame is not valid UTF-8: send text as UTF-8, or msgpack in binary frames",
+    ),
+    1002: ("protocol_violation", "websocket protocol violation (RFC 6455); the connection is closed"),
+}
+
+
+def _cancel(opened: asyncio.Future[StreamingSession | None]) -> None:
+    """Cancel the engine session, if one was opened."""
+    if opened.done() and not opened.cancelled() and (session := opened.result()) is not None:
+        session.cancel()
+
+
+def _push_in_pieces(session: StreamingSession, text: str) -> None:
+    """push_text takes any split; pieces keep each hold of the engine lock short."""
+    for i in range(0, len(text), _PUSH_PIECE_CHARS):
+        session.push_text(text[i : i + _PUSH_PIECE_CHARS])
+
+
+def _without_paths(message: str) -> str:
+    """A message for a client: absolute paths of server files (3+ segments) become "<path>"."""
+    return _ABSOLUTE_PATH.sub("<path>", message)
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:
@@ -804,12 +966,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-sessions-per-key",
         type=int,
         default=d.max_sessions_per_key,
-        help="concurrent sessions per API key",
+        help="concurrent sessions per API key (default: half of max-sessions + max-waiting, at least 1)",
     )
     parser.add_argument(
         "--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds without a message before Eos"
     )
-    parser.add_argument("--max-session-seconds", type=float, default=d.max_session_s, help="longest session")
+    parser.add_argument(
+        "--max-session-seconds",
+        type=float,
+        default=d.max_session_s,
+        help="longest session, websocket or HTTP (default 900)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout_s,
+        help="seconds an HTTP request body may take to arrive (default 30)",
+    )
     parser.add_argument(
         "--send-timeout", type=float, default=d.send_timeout_s, help="seconds a client may stall reading"
     )
@@ -834,6 +1007,7 @@ def limits_from(args: argparse.Namespace) -> ServerLimits:
         idle_timeout_s=args.idle_timeout,
         max_session_s=args.max_session_seconds,
         send_timeout_s=args.send_timeout,
+        body_timeout_s=args.body_timeout,
     )
 
 

@@ -15,15 +15,21 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidInputError
+
+# The longest pause one break tag may ask for. Kyutai's parser has no limit: a single
+# `<break time="99999s"/>` streamed 28 hours of silence. Longer is refused (an API should say so rather
+# than clamp silently); a longer pause takes several tags, and the server bounds a whole session.
+MAX_BREAK_S = 10.0
 
 # `<break time="1.5s"/>` (the slash is optional). moshi writes the decimal point as an unescaped `.`
-# (any character); a literal dot is what it means, and float() would fail on anything else.
-_BREAK = re.compile(r'<break\s+time="([0-9]+(?:\.[0-9]*)?)s"\s*/?>')
+# (any character); a literal dot is what it means, and float() would fail on anything else. The digits
+# are bounded so that a tag still being streamed is re-checked in bounded time (a longer number is text).
+_BREAK = re.compile(r'<break\s+time="([0-9]{1,9}(?:\.[0-9]{0,9})?)s"\s*/?>')
 # Any *prefix* of a break tag that reaches the end of the buffer: the tag may still be completed by
 # the next fragment, so the word before it is not known to be complete yet.
 _BREAK_PREFIX = re.compile(
-    r'<(?:b(?:r(?:e(?:a(?:k(?:\s+(?:t(?:i(?:m(?:e(?:=(?:"(?:[0-9]+(?:\.[0-9]*)?'
+    r'<(?:b(?:r(?:e(?:a(?:k(?:\s+(?:t(?:i(?:m(?:e(?:=(?:"(?:[0-9]{1,9}(?:\.[0-9]{0,9})?'
     r'(?:s(?:"(?:\s*/?)?)?)?)?)?)?)?)?)?)?)?)?)?)?)?)?\Z'
 )
 _WS_OR_TAG = re.compile(r"\s|<")
@@ -117,20 +123,31 @@ class RawWord:
 class WordChunker:
     """Cuts streamed text fragments (split anywhere) into complete words and break tags.
 
-    A word is complete when whitespace or a complete break tag follows it, or at ``finish()``.
+    A word is complete when whitespace or a complete break tag follows it, or at ``finish()``. Work is
+    linear in the text, however it is split: a word streamed one character at a time is scanned once.
+
+    A break tag longer than `MAX_BREAK_S` raises `InvalidInputError` from the ``push`` or ``finish``
+    that completes it; the tag is dropped, and the units completed before it come with the next call.
     """
 
     def __init__(self) -> None:
         self._buffer = ""
+        # Where the search for the end of the buffer's first word resumes: the text before it is known to
+        # hold no word end. Without it, each push re-scanned the whole pending word (quadratic time).
+        self._scan_from = 0
+        self._done: list[RawWord] = []  # units completed but not yet returned (a refused tag came after)
 
     def push(self, fragment: str) -> list[RawWord]:
         """Add text; return the units this fragment completed."""
         self._buffer += fragment
-        return self._take(final=False)
+        self._take(final=False)
+        units, self._done = self._done, []
+        return units
 
     def finish(self) -> list[RawWord]:
         """The input is complete: return every remaining unit (trailing whitespace included)."""
-        units = self._take(final=True)
+        self._take(final=True)
+        units, self._done = self._done, []
         rest, self._buffer = self._buffer, ""
         if rest:  # only whitespace is left
             if units:
@@ -140,37 +157,46 @@ class WordChunker:
                 units.append(RawWord("", rest, None))
         return units
 
-    def _take(self, final: bool) -> list[RawWord]:
-        units: list[RawWord] = []
+    def _take(self, final: bool) -> None:
+        units = self._done
         buf, pos = self._buffer, 0  # `pos`: start of the text not yet returned (no re-slicing per word)
-        while True:
-            start = _LEADING_WS.match(buf, pos).end()  # type: ignore[union-attr]
-            if start == len(buf):
-                break
-            tag = _BREAK.match(buf, start)
-            if tag is not None:
-                units.append(RawWord(tag.group(0), buf[pos : tag.end()], float(tag.group(1))))
-                pos = tag.end()
-                continue
-            end = self._word_end(buf, start, final)
-            if end is None:
-                break
-            units.append(RawWord(buf[start:end], buf[pos:end], None))
-            pos = end
-        self._buffer = buf[pos:]
-        return units
+        scan_from = self._scan_from
+        try:
+            while True:
+                start = _LEADING_WS.match(buf, pos).end()  # type: ignore[union-attr]
+                if start == len(buf):
+                    break
+                tag = _BREAK.match(buf, start)
+                if tag is not None:
+                    seconds = float(tag.group(1))
+                    text, pos, scan_from = buf[pos : tag.end()], tag.end(), 0
+                    if seconds > MAX_BREAK_S:
+                        raise InvalidInputError(
+                            f"break time={tag.group(1)}s is too long: a break is at most {MAX_BREAK_S:g} s "
+                            "(the tag was dropped)"
+                        )
+                    units.append(RawWord(tag.group(0), text, seconds))
+                    continue
+                end, scan_from = self._word_end(buf, max(start, scan_from), final)
+                if end is None:
+                    break
+                units.append(RawWord(buf[start:end], buf[pos:end], None))
+                pos, scan_from = end, 0
+        finally:
+            self._buffer = buf[pos:]
+            self._scan_from = max(0, scan_from - pos)
 
     @staticmethod
-    def _word_end(buf: str, start: int, final: bool) -> int | None:
-        """Where the word starting at `start` ends, or None if the next fragment could extend it."""
-        pos = start
+    def _word_end(buf: str, pos: int, final: bool) -> tuple[int | None, int]:
+        """Where the word being scanned from `pos` ends, or None if the next fragment could extend it;
+        and where a later scan of the same word must resume."""
         while True:
             m = _WS_OR_TAG.search(buf, pos)
             if m is None:
-                return len(buf) if final else None
+                return (len(buf) if final else None), len(buf)
             at = m.start()
             if buf[at] != "<" or _BREAK.match(buf, at):
-                return at
+                return at, at
             if not final and _BREAK_PREFIX.match(buf, at):
-                return None  # "<bre" at the end: maybe a tag, maybe part of the word
+                return None, at  # "<bre" at the end: maybe a tag, maybe part of the word
             pos = at + 1

@@ -1,7 +1,8 @@
 """The network server (moshi-server protocol) and `RemoteTTS`, on the tiny random-weight model.
 
 Greedy decoding makes output deterministic, so what comes over the network must equal in-process
-synthesis of the same text.
+synthesis of the same text. Nothing here depends on the machine's speed: a test waits for the event
+that proves its point (an engine step, a task's end), with HANG_GUARD_S only as a limit for a hang.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import argparse
 import asyncio
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
@@ -33,7 +35,7 @@ from kyutai_tts_plugin.server import (
     limits_from,
     start_server,
 )
-from kyutai_tts_plugin.testing import TEST_VOICES
+from kyutai_tts_plugin.testing import HANG_GUARD_S, TEST_VOICES, StepGate
 from kyutai_tts_plugin.types import AudioChunk, SessionOptions, WordTiming
 
 KEY = "test-key-0123456789"
@@ -65,11 +67,42 @@ async def server(make_server: StartServer) -> RunningServer:
     return await make_server()
 
 
-async def wait_idle(engine: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.active_sessions:
-        assert time.monotonic() < deadline, f"{engine.active_sessions} engine sessions still open"
-        await asyncio.sleep(0.02)
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for `condition` (checked at each turn of the loop); the deadline only catches a hang."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.005)
+
+
+async def wait_idle(engine: Any) -> None:
+    await until(lambda: not engine.active_sessions, "every engine session closed")
+
+
+# TEXT + TEXT takes 186 engine steps, the first audio frame comes after about 20: parked after step 40,
+# such a session is mid-utterance for as long as a test needs, on any machine.
+MID_UTTERANCE_STEP = 40
+
+
+@contextmanager
+def engine_parked_after(engine: Any, steps: int = MID_UTTERANCE_STEP) -> Iterator[StepGate]:
+    """Park the engine after `steps` more steps (until the block ends)."""
+    gates: list[StepGate] = []
+    seen = 0
+
+    def count(step: Any) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == steps and gates:
+            gates[0].hold()  # the gate, added after this observer, parks at this very step
+
+    remove = engine.add_step_observer(count)
+    gates.append(StepGate(engine))
+    try:
+        yield gates[0]
+    finally:
+        remove()
+        gates[0].close()
 
 
 def reference(engine: Any, text: str = TEXT, options: SessionOptions = GREEDY) -> Any:
@@ -99,7 +132,7 @@ async def finish(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict[str, An
                 messages.append(msgpack.unpackb(msg.data))
 
     try:
-        await asyncio.wait_for(read(), 30)
+        await asyncio.wait_for(read(), HANG_GUARD_S)
     finally:
         await ws.close()
         await ws._test_http.close()  # type: ignore[attr-defined]
@@ -113,7 +146,7 @@ async def collect(session: Any) -> tuple[np.ndarray, list[WordTiming], list[Audi
         async for ev in session:
             (chunks if isinstance(ev, AudioChunk) else words).append(ev)
 
-    await asyncio.wait_for(read(), 30)
+    await asyncio.wait_for(read(), HANG_GUARD_S)
     pcm = np.concatenate([c.pcm for c in chunks]) if chunks else np.zeros(0, np.float32)
     return pcm, words, chunks
 
@@ -199,12 +232,15 @@ async def test_slow_reader_gets_all_audio_and_a_clean_close(server: RunningServe
     ws = await ws_session(server)
     await ws.send_bytes(msgpack.packb({"type": "Text", "text": TEXT}))
     await ws.send_bytes(msgpack.packb({"type": "Eos"}))
+    assert msgpack.unpackb((await ws.receive()).data) == {"type": "Ready"}
+    # The engine finishes the utterance before this client reads a single frame: the audio waits in the
+    # server's queue and the socket buffers, and must all arrive before the clean close.
+    await wait_idle(tiny_engine)
     pcm = []
-    async for msg in ws:  # the server is done long before this client has read everything
+    async for msg in ws:
         m = msgpack.unpackb(msg.data)
         if m["type"] == "Audio":
             pcm.append(np.asarray(m["pcm"], np.float32))
-        await asyncio.sleep(0.01)
     await ws._test_http.close()  # type: ignore[attr-defined]
     assert ws.close_code == 1000
     assert_close_audio(np.concatenate(pcm), want.pcm)
@@ -213,16 +249,18 @@ async def test_slow_reader_gets_all_audio_and_a_clean_close(server: RunningServe
 async def test_client_disconnect_mid_utterance_frees_the_slot(
     server: RunningServer, tiny_engine: Any
 ) -> None:
-    ws = await ws_session(server)
-    await ws.send_bytes(msgpack.packb({"type": "Text", "text": TEXT + " " + TEXT}))
-    await ws.send_bytes(msgpack.packb({"type": "Eos"}))
-    async for msg in ws:
-        if msgpack.unpackb(msg.data)["type"] == "Audio":
-            break
-    assert tiny_engine.active_sessions == 1
-    ws._writer.transport.abort()  # no close handshake
-    await ws._test_http.close()  # type: ignore[attr-defined]
-    await wait_idle(tiny_engine)
+    with engine_parked_after(tiny_engine) as gate:
+        ws = await ws_session(server)
+        await ws.send_bytes(msgpack.packb({"type": "Text", "text": TEXT + " " + TEXT}))
+        await ws.send_bytes(msgpack.packb({"type": "Eos"}))
+        async for msg in ws:
+            if msgpack.unpackb(msg.data)["type"] == "Audio":
+                break
+        gate.wait_held()
+        assert tiny_engine.active_sessions == 1  # parked mid-utterance: it cannot have finished
+        ws._writer.transport.abort()  # no close handshake
+        await ws._test_http.close()  # type: ignore[attr-defined]
+        await wait_idle(tiny_engine)  # freed by the disconnect, while the engine is still parked
     health = await get_json(server, "/api/health")
     assert health["status"] == "ok" and health["sessions"] == 0
 
@@ -337,9 +375,14 @@ async def test_engine_full_is_no_free_channels(
 
     monkeypatch.setattr(tiny_engine, "open_session", full)
     ws = await ws_session(server)
+    assert msgpack.unpackb((await ws.receive()).data) == {"type": "Ready"}
+    await ws.send_bytes(
+        msgpack.packb({"type": "Text", "text": "hello"})
+    )  # the slot is taken at the first text
     error = await expect_error(ws, "no_free_channels", 1013)
     assert error["message"].startswith("no free channels")  # what moshi-server says; Unmute checks it
     session = RemoteTTS(server.url, api_key=KEY).open_session(GREEDY)
+    session.push_text("hello")
     session.flush()
     with pytest.raises(EngineFullError):
         await collect(session)
@@ -469,9 +512,9 @@ async def test_remote_streams_mid_word_fragments(server: RunningServer, tiny_eng
     assert remote.sample_rate == 24000
     session = remote.open_session(GREEDY)
     fragments = ["Hel", "lo  wo", "rld", ", th", "is is a ", "test:", "of the  serv", "er.  "]
-    for fragment in fragments:
+    for fragment in fragments:  # each fragment's whole words go out before the next fragment comes
         session.push_text(fragment)
-        await asyncio.sleep(0.01)
+        await until(lambda: not session._outbox, "the words sent")
     session.flush()
     pcm, words, chunks = await collect(session)
 
@@ -515,12 +558,14 @@ async def test_remote_cancel_mid_utterance_frees_the_server_slot(
             if isinstance(ev, AudioChunk):
                 got += 1
                 if got == 2:
-                    assert tiny_engine.active_sessions == 1
+                    gate.wait_held()
+                    assert tiny_engine.active_sessions == 1  # parked mid-utterance
                     session.cancel()
 
-    await asyncio.wait_for(read(), 30)
-    assert got == 2  # nothing after cancel, and no error
-    await wait_idle(tiny_engine)
+    with engine_parked_after(tiny_engine) as gate:
+        await asyncio.wait_for(read(), HANG_GUARD_S)
+        assert got == 2  # nothing after cancel, and no error
+        await wait_idle(tiny_engine)  # freed by the cancel, while the engine is still parked
     with pytest.raises(SessionClosedError):
         session.push_text("x")
     session.cancel()  # idempotent
@@ -531,8 +576,13 @@ async def test_remote_cancel_before_connecting(server: RunningServer, tiny_engin
     session.push_text("never spoken ")
     session.cancel()
     assert [ev async for ev in session] == []
-    await asyncio.sleep(0.1)
-    await wait_idle(tiny_engine)
+    # Once the client's task has ended it can open nothing more; then the server has closed whatever
+    # connection it made, and no engine session was ever opened for it.
+    await asyncio.wait([session._task], timeout=HANG_GUARD_S)
+    assert session._task.done()
+    await until(lambda: server.server.metrics.connections == 0, "the server closed the connection")
+    assert tiny_engine.active_sessions == 0
+    assert server.server.metrics.sessions["started"] == 0
 
 
 async def test_remote_flush_without_text(server: RunningServer) -> None:
@@ -614,7 +664,11 @@ def test_serve_arguments(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None
     keys = tmp_path / "keys"
     keys.write_text("# comment\nfile-key\n\n")
     monkeypatch.setenv("KYUTAI_TTS_API_KEYS", "env-a, env-b")
-    args = parser.parse_args(["--api-key", "cli-key", "--api-key-file", str(keys), "--idle-timeout", "5"])
+    args = parser.parse_args(
+        ["--api-key", "cli-key", "--api-key-file", str(keys), "--idle-timeout", "5", "--body-timeout", "7"]
+    )
     assert args.host == "127.0.0.1" and args.port == 8080
     assert api_keys_from(args) == ["cli-key", "env-a", "env-b", "file-key"]
-    assert limits_from(args).idle_timeout_s == 5.0
+    limits = limits_from(args)
+    assert limits.idle_timeout_s == 5.0 and limits.body_timeout_s == 7.0
+    assert limits.max_sessions_per_key is None  # half the engine's capacity, computed by the server
