@@ -45,6 +45,7 @@ import aiohttp.http_exceptions
 import msgpack
 from aiohttp import WSMsgType, web
 
+from .cli import add_engine_arguments, engine_options
 from .errors import (
     EngineFailure,
     EngineFullError,
@@ -931,10 +932,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"HF repo or local directory of voices ({DEFAULT_VOICE_REPO})",
     )
     parser.add_argument("--default-voice", default=DEFAULT_VOICE, help="voice used when a client names none")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype"
-    )
+    add_engine_arguments(parser)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -986,7 +984,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--send-timeout", type=float, default=d.send_timeout_s, help="seconds a client may stall reading"
     )
-    parser.add_argument("--num-threads", type=int, help="torch CPU threads")
 
 
 def api_keys_from(args: argparse.Namespace) -> list[str]:
@@ -1026,13 +1023,11 @@ def run_serve(args: argparse.Namespace) -> int:
         args.model,
         voice_repo=args.voice_repo,
         default_voice=args.default_voice,
-        device=args.device,
-        dtype=args.dtype,
-        num_threads=args.num_threads,
         max_sessions=args.max_sessions,
         max_waiting=args.max_waiting,
         queue_timeout_s=args.queue_timeout,
         max_buffered_s=args.max_buffered,
+        **engine_options(args),
     )
     server = TTSServer(engine, api_keys=keys, limits=limits_from(args))
     auth = f"{len(keys)} API key(s)" if keys else "no authentication"
