@@ -59,7 +59,9 @@ def test_a_device_this_machine_lacks(home: Path, tmp_path: Path, tiny_checkpoint
     result = run_cli(*SYNTH, out, "--model", str(tiny_checkpoint), "--device", "tpu", home=home)
     assert_error(result, "kyutai-tts: error: device 'tpu' is not a device name", "cuda")
     assert not Path(out).exists()
-    result = run_cli("serve", "--model", str(tiny_checkpoint), "--device", "cuda:99", "--port", "0", home=home)
+    result = run_cli(
+        "serve", "--model", str(tiny_checkpoint), "--device", "cuda:99", "--port", "0", home=home
+    )
     assert_error(result, "kyutai-tts: error: device 'cuda:99' is not available", "cpu")
 
 
