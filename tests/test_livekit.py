@@ -35,15 +35,13 @@ def tokens_of(text: str, size: int = 3) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-async def run_stream(tts: TTS, deltas: list[str], delay: float = 0.0, conn_options=NO_RETRY):
+async def run_stream(tts: TTS, deltas: list[str], conn_options=NO_RETRY):
     events = []
     async with tts.stream(conn_options=conn_options) as stream:
 
         async def feed() -> None:
             for d in deltas:
                 stream.push_text(d)
-                if delay:
-                    await asyncio.sleep(delay)
             stream.end_input()
 
         feeder = asyncio.create_task(feed())
