@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from livekit import rtc
@@ -26,6 +27,30 @@ REPLY = "Sure, here is the weather for today."
 HEARD_FRAMES = 10  # the interruption comes once 0.8 s of the reply has reached the speaker
 
 
+Waiters = list[tuple[Callable[[], bool], asyncio.Future[None]]]
+
+
+def _wake(waiters: Waiters) -> None:
+    for condition, fut in waiters:
+        if not fut.done() and condition():
+            fut.set_result(None)
+
+
+async def _wait_until(waiters: Waiters, condition: Callable[[], bool], what: str) -> None:
+    """Wait until `condition` holds, re-checked by the sink at each capture; the hang guard fails
+    the test if it never does."""
+    if condition():
+        return
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiters.append((condition, fut))
+    try:
+        await asyncio.wait_for(fut, HANG_GUARD_S)
+    except TimeoutError:
+        raise AssertionError(f"never came: {what}") from None
+    finally:
+        waiters.remove((condition, fut))
+
+
 class PlayoutSink(AudioOutput):
     """Plays captured audio on the wall clock, like a speaker would, and reports playback.
 
@@ -35,11 +60,11 @@ class PlayoutSink(AudioOutput):
     def __init__(self) -> None:
         super().__init__(label="sink", capabilities=AudioOutputCapabilities(pause=False), sample_rate=24000)
         self.frames: list[rtc.AudioFrame] = []
-        self.frames_at_clear: int | None = None  # frames captured when the playing segment was cleared
+        self.frames_at_clear: int | None = None  # frames captured when a playing segment was first cleared
         self._queued = 0.0
         self._started: float | None = None
         self._task: asyncio.Task[None] | None = None
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: Waiters = []
 
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:
         await super().capture_frame(frame)
@@ -48,20 +73,11 @@ class PlayoutSink(AudioOutput):
             self.on_playback_started(created_at=time.time())
         self.frames.append(frame)
         self._queued += frame.duration
-        for n, fut in self._waiters:
-            if len(self.frames) >= n and not fut.done():
-                fut.set_result(None)
+        _wake(self._waiters)
 
     async def wait_frames(self, n: int, what: str) -> None:
         """Wait until `n` frames were captured (a hang guard fails the test if they never come)."""
-        if len(self.frames) >= n:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
-        try:
-            await asyncio.wait_for(fut, HANG_GUARD_S)
-        except TimeoutError:
-            raise AssertionError(f"{what}: {len(self.frames)} of {n} audio frames came") from None
+        await _wait_until(self._waiters, lambda: len(self.frames) >= n, f"{what}: {n} audio frames")
 
     def flush(self) -> None:
         super().flush()
@@ -76,7 +92,8 @@ class PlayoutSink(AudioOutput):
     def clear_buffer(self) -> None:
         if self._started is None:
             return
-        self.frames_at_clear = len(self.frames)
+        if self.frames_at_clear is None:  # the first clear is the interruption; later ones find nothing
+            self.frames_at_clear = len(self.frames)
         position = min(self._queued, time.monotonic() - self._started)
         if self._task is not None:
             self._task.cancel()
@@ -88,25 +105,36 @@ class PlayoutSink(AudioOutput):
 
 
 class TextSink(TextOutput):
+    """What the user reads: the words the `TranscriptSynchronizer` releases as they are played."""
+
     def __init__(self) -> None:
         super().__init__(label="text", next_in_chain=None)
         self.text = ""
+        self.words = 0
+        self._waiters: Waiters = []
 
     async def capture_text(self, text: str) -> None:
         self.text += text
+        self.words += bool(text.strip())
+        _wake(self._waiters)
+
+    async def wait_words(self, n: int, what: str) -> None:
+        await _wait_until(self._waiters, lambda: self.words >= n, f"{what}: {n} words")
 
     def flush(self) -> None:
         pass
 
 
-async def start_session(tts: TTS, scripted: ScriptedLLM):
+async def start_session(
+    tts: TTS, scripted: ScriptedLLM
+) -> tuple[AgentSession, PlayoutSink, TextSink, TranscriptSynchronizer]:
     sink, text = PlayoutSink(), TextSink()
     sync = TranscriptSynchronizer(next_in_chain_audio=sink, next_in_chain_text=text)
     session = AgentSession(tts=tts, llm=scripted, use_tts_aligned_transcript=True)
     session.output.audio = sync.audio_output
     session.output.transcription = sync.text_output
     await session.start(Agent(instructions="You are a test agent."), record=False)
-    return session, sink, sync
+    return session, sink, text, sync
 
 
 def assistant_text(session: AgentSession) -> str:
@@ -120,7 +148,7 @@ async def test_reply_streams_deltas_into_the_engine_and_history_is_the_reply(tin
     first_audio = asyncio.Event()
     scripted = ScriptedLLM(REPLY, delay=0.0, hold_last=first_audio)
     tts = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
-    session, sink, sync = await start_session(tts, scripted)
+    session, sink, _, sync = await start_session(tts, scripted)
     try:
         handle = session.generate_reply(user_input="What is the weather?")
         await sink.wait_frames(1, "no audio while the LLM held back its last token")
@@ -142,10 +170,13 @@ async def test_interrupt_stops_audio_frees_the_slot_and_truncates_history(tiny_e
     never = asyncio.Event()
     scripted = ScriptedLLM(reply, delay=0.0, hold_last=never)
     tts = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
-    session, sink, sync = await start_session(tts, scripted)
+    session, sink, text, sync = await start_session(tts, scripted)
     try:
         handle = session.generate_reply(user_input="Tell me a story.")
-        await sink.wait_frames(HEARD_FRAMES, "the reply never started playing")
+        await sink.wait_frames(HEARD_FRAMES, "the reply never played")
+        # Two words shown: the synchronizer has counted the first one as heard (it releases a word
+        # before it counts it), so the truncated history cannot be empty.
+        await text.wait_words(2, "the transcript never followed the audio")
         await session.interrupt()
         await asyncio.wait_for(handle, HANG_GUARD_S)
         assert handle.interrupted
@@ -159,7 +190,7 @@ async def test_interrupt_stops_audio_frees_the_slot_and_truncates_history(tiny_e
         history = assistant_text(session)
         sent = "".join(scripted.sent)
         assert not scripted.finished and sent.startswith(history) and len(history) < len(sent)
-        assert reply.startswith(history)
+        assert history and reply.startswith(history)
     finally:
         await session.aclose()
         await sync.aclose()
