@@ -86,6 +86,7 @@ async def test_every_delta_reaches_the_engine_before_the_llm_finishes(tiny_engin
     first_audio = asyncio.Event()
     pushed = 0
     pushed_at_first_audio: int | None = None
+    events = []
     async with tts.stream(conn_options=NO_RETRY) as stream:
 
         async def feed() -> None:
@@ -101,14 +102,16 @@ async def test_every_delta_reaches_the_engine_before_the_llm_finishes(tiny_engin
             pushed += 1
             stream.end_input()
 
-        feeder = asyncio.create_task(feed())
-        events = []
-        async for ev in stream:
-            if pushed_at_first_audio is None:
-                pushed_at_first_audio = pushed
-                first_audio.set()
-            events.append(ev)
-        await feeder
+        async def consume() -> None:
+            nonlocal pushed_at_first_audio
+            async for ev in stream:
+                if pushed_at_first_audio is None:
+                    pushed_at_first_audio = pushed
+                    first_audio.set()
+                events.append(ev)
+
+        # The feeder's failure ends the test at once; the outer guard catches a stream that never ends.
+        await asyncio.wait_for(asyncio.gather(feed(), consume()), 2 * HANG_GUARD_S)
     assert pushed_at_first_audio == len(deltas) - 1
     assert "".join(timed_words(events)) == TEXT
 
