@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 from livekit.agents import (
     DEFAULT_API_CONNECT_OPTIONS,
@@ -52,13 +51,28 @@ def prewarm(proc: JobProcess) -> None:
 
 class ScriptedLLM(llm.LLM):
     """Stands in for an LLM when no key is set: streams a fixed reply as small deltas, some split
-    mid-word, the way a real LLM streams (also the tests' LLM double)."""
+    mid-word, the way a real LLM streams (also the tests' LLM double).
 
-    def __init__(self, reply: str = SCRIPTED_REPLY, delay: float = 0.03) -> None:
+    `hold_last`, when given, holds back the last delta until that event is set: tests use it to
+    prove that audio starts while the LLM is still talking, whatever the machine's speed.
+    """
+
+    def __init__(
+        self,
+        reply: str = SCRIPTED_REPLY,
+        delay: float = 0.03,
+        *,
+        hold_last: asyncio.Event | None = None,
+    ) -> None:
         super().__init__()
-        self.reply, self.delay = reply, delay
-        self.deltas: list[tuple[float, str]] = []  # (monotonic time, delta) as sent
-        self.finished_at: float | None = None
+        self.reply, self.delay, self.hold_last = reply, delay, hold_last
+        self.sent: list[str] = []  # the deltas sent so far, in order
+        self.finished = False  # the whole reply was sent
+
+    @property
+    def script(self) -> list[str]:
+        """The deltas the reply is streamed as."""
+        return [self.reply[i : i + 3] for i in range(0, len(self.reply), 3)]
 
     def chat(
         self,
@@ -74,14 +88,17 @@ class ScriptedLLM(llm.LLM):
 class _ScriptedStream(llm.LLMStream):
     async def _run(self) -> None:
         scripted: ScriptedLLM = self._llm  # type: ignore[assignment]
-        for i in range(0, len(scripted.reply), 3):
-            delta = scripted.reply[i : i + 3]
-            scripted.deltas.append((time.monotonic(), delta))
+        script = scripted.script
+        for i, delta in enumerate(script):
+            if i == len(script) - 1 and scripted.hold_last is not None:
+                await scripted.hold_last.wait()
+            scripted.sent.append(delta)
             self._event_ch.send_nowait(
                 llm.ChatChunk(id="scripted", delta=llm.ChoiceDelta(role="assistant", content=delta))
             )
-            await asyncio.sleep(scripted.delay)
-        scripted.finished_at = time.monotonic()
+            if scripted.delay:
+                await asyncio.sleep(scripted.delay)
+        scripted.finished = True
 
 
 async def entrypoint(ctx: JobContext) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import os
@@ -59,7 +60,7 @@ def write_hf_cache(cache: Path, repo: str, source: Path, commit: str = "a" * 40)
     snapshot = repo_dir / "snapshots" / commit
     for file in sorted(p for p in source.rglob("*") if p.is_file()):
         rel = file.relative_to(source)
-        blob = repo_dir / "blobs" / f"{abs(hash(rel.as_posix())):x}"
+        blob = repo_dir / "blobs" / hashlib.sha256(rel.as_posix().encode()).hexdigest()
         blob.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(file, blob)
         link = snapshot / rel

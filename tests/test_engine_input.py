@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kyutai_tts_plugin.engine import TTSEngine
+from kyutai_tts_plugin import dsm
+from kyutai_tts_plugin.engine import StreamingSession, TTSEngine
 from kyutai_tts_plugin.errors import (
     CheckpointError,
     InvalidInputError,
@@ -42,11 +43,13 @@ def test_unknown_characters_are_dropped_not_fed_as_token_zero(tiny_engine):
     assert all(0 not in e.tokens for e in _entries(tiny_engine, "hello 🙂 wor\x07ld🚀"))
 
 
-def _entries(engine: TTSEngine, text: str):
-    s = engine.open_session(GREEDY)
+def _entries(engine: TTSEngine, text: str) -> list[dsm.Entry]:
+    """The entries the session's text path builds, read before the worker can take them: the
+    session is never handed to the engine (an opened one may be admitted, emptying its inbox)."""
+    s = StreamingSession(engine, GREEDY, [engine.default_voice])
     s.push_text(text)
     entries = [e for e, _ in s._inbox if e is not None]
-    s.cancel()
+    assert entries, "the text path built no entries"
     return entries
 
 

@@ -3,40 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
 from livekit.agents import APIConnectionError, APIConnectOptions, APIError, APITimeoutError
 
+from kyutai_tts_plugin import engine as engine_module
 from kyutai_tts_plugin.engine import TTSEngine
 from kyutai_tts_plugin.livekit import TTS
+from kyutai_tts_plugin.testing import HANG_GUARD_S
 from kyutai_tts_plugin.types import SessionOptions
 
 TEXT = "Sure, here is the plan: we meet at 10 and then walk to the old harbour."
 NO_RETRY = APIConnectOptions(max_retry=0, timeout=10)
 
 
-async def wait_idle(engine, timeout: float = 5.0) -> None:
+async def wait_idle(engine: TTSEngine) -> None:
+    """Wait until the engine holds no session: the remote server frees it after the client is gone.
+
+    A hang guard, not a timing assertion: it only fails if the slot is never freed.
+    """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while engine.active_sessions and loop.time() < deadline:
+    deadline = loop.time() + HANG_GUARD_S
+    while engine.active_sessions:
+        assert loop.time() < deadline, f"the engine still holds {engine.active_sessions} session(s)"
         await asyncio.sleep(0.01)
-    assert engine.active_sessions == 0
 
 
 def tokens_of(text: str, size: int = 3) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-async def run_stream(tts: TTS, deltas: list[str], delay: float = 0.0, conn_options=NO_RETRY):
+async def run_stream(tts: TTS, deltas: list[str], conn_options=NO_RETRY):
     events = []
     async with tts.stream(conn_options=conn_options) as stream:
 
         async def feed() -> None:
             for d in deltas:
                 stream.push_text(d)
-                if delay:
-                    await asyncio.sleep(delay)
             stream.end_input()
 
         feeder = asyncio.create_task(feed())
@@ -74,27 +79,41 @@ async def test_stream_provider_checks_audio_and_aligned_transcript(tiny_engine, 
 
 
 async def test_every_delta_reaches_the_engine_before_the_llm_finishes(tiny_engine):
+    # The "LLM" holds back its last delta until audio came: the stream can only end if every
+    # delta is spoken as it arrives (else the hang guard fails the test).
     tts = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
     deltas = tokens_of(TEXT)
-    loop = asyncio.get_running_loop()
-    first_audio = None
-    last_delta = None
+    first_audio = asyncio.Event()
+    pushed = 0
+    pushed_at_first_audio: int | None = None
+    events = []
     async with tts.stream(conn_options=NO_RETRY) as stream:
 
         async def feed() -> None:
-            nonlocal last_delta
-            for d in deltas:
+            nonlocal pushed
+            for d in deltas[:-1]:
                 stream.push_text(d)
-                await asyncio.sleep(0.03)
-            last_delta = loop.time()
+                pushed += 1
+            try:
+                await asyncio.wait_for(first_audio.wait(), HANG_GUARD_S)
+            except TimeoutError:
+                raise AssertionError("no audio while the last delta was held back") from None
+            stream.push_text(deltas[-1])
+            pushed += 1
             stream.end_input()
 
-        feeder = asyncio.create_task(feed())
-        async for _ in stream:
-            if first_audio is None:
-                first_audio = loop.time()
-        await feeder
-    assert first_audio is not None and last_delta is not None and first_audio < last_delta
+        async def consume() -> None:
+            nonlocal pushed_at_first_audio
+            async for ev in stream:
+                if pushed_at_first_audio is None:
+                    pushed_at_first_audio = pushed
+                    first_audio.set()
+                events.append(ev)
+
+        # The feeder's failure ends the test at once; the outer guard catches a stream that never ends.
+        await asyncio.wait_for(asyncio.gather(feed(), consume()), 2 * HANG_GUARD_S)
+    assert pushed_at_first_audio == len(deltas) - 1
+    assert "".join(timed_words(events)) == TEXT
 
 
 async def test_synthesize_whole_text(tiny_engine):
@@ -163,16 +182,28 @@ async def test_error_mapping(tiny_checkpoint):
         engine.close()
 
 
-def test_prewarm_never_blocks(tiny_checkpoint):
-    tts = TTS(model=tiny_checkpoint, voice_repo=tiny_checkpoint / "voices")
-    import time
+def test_prewarm_never_blocks(tiny_checkpoint, tiny_engine, monkeypatch):
+    # The model load blocks until this test releases it, after prewarm() returned: a prewarm that
+    # waited for the load would deadlock (broken by the loader's hang guard, failing the test).
+    release = threading.Event()
+    loads: list[dict] = []
 
-    t0 = time.perf_counter()
+    def blocked_load(**kwargs) -> TTSEngine:
+        loads.append(kwargs)
+        if not release.wait(HANG_GUARD_S):
+            raise AssertionError("the model load was never released: prewarm() waited for it")
+        return tiny_engine
+
+    monkeypatch.setattr(engine_module, "shared_engine", blocked_load)
+    tts = TTS(model=tiny_checkpoint, voice_repo=tiny_checkpoint / "voices")
     tts.prewarm()
-    assert time.perf_counter() - t0 < 0.05
+    tts.prewarm()  # a second call starts no second load
+    assert not tts._loaded.is_set(), "prewarm() returned only after the load ended"
     assert tts.model == str(tiny_checkpoint) and tts.provider == "kyutai"
-    tts._loaded.wait(60)
-    assert tts._engine is not None
+    release.set()
+    assert tts._loaded.wait(HANG_GUARD_S), "the background load never ended"
+    assert tts._load_error is None and tts._engine is tiny_engine
+    assert [(d["model"], d["voice_repo"]) for d in loads] == [(tiny_checkpoint, tiny_checkpoint / "voices")]
 
 
 async def test_back_to_back_replies_do_not_mix(tiny_engine):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -57,10 +56,8 @@ def test_normalize_word_text(raw: str, expected: str) -> None:
 # -- tokenizer ----------------------------------------------------------------------------------
 
 
-def test_test_tokenizer_is_fast_deterministic_and_has_the_control_ids(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_test_tokenizer_is_deterministic_and_has_the_control_ids(tmp_path: Path) -> None:
     a = train_test_tokenizer(tmp_path / "a.model")
-    assert time.perf_counter() - start < 2.0
     b = train_test_tokenizer(tmp_path / "b.model")
     assert a.read_bytes() == b.read_bytes()
     tok = TextTokenizer.from_file(a)
@@ -99,8 +96,8 @@ def test_nothing_speakable_gives_no_tokens(tokenizer: TextTokenizer, word: str) 
     assert tokenizer.encode_word(word) == []
 
 
-def test_random_symbol_soup_never_yields_control_ids(tokenizer: TextTokenizer) -> None:
-    rng = random.Random(0)
+def test_random_symbol_soup_never_yields_control_ids(tokenizer: TextTokenizer, test_seed: int) -> None:
+    rng = random.Random(test_seed)
     alphabet = (
         "abcdeéèàç,.!?'-0123456789" + "😀🎉→★©™€£¥§¶∞≈√日本中文한국\x00\x07\x1b\u200b\u200d\ufeff\ue000"
     )
@@ -182,9 +179,9 @@ def _reference_words(text: str) -> list[tuple[str, float | None]]:
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_chunker_any_split_gives_the_same_units_and_text(text: str) -> None:
+def test_chunker_any_split_gives_the_same_units_and_text(text: str, test_seed: int) -> None:
     expected = _reference_words(text)
-    rng = random.Random(hash(text) % 1000)
+    rng = random.Random(f"{test_seed}/{text}")  # a str seed is hashed the same in every process
     for _ in range(200):
         fragments = random_split(text, rng)
         units = chunk(fragments)
@@ -219,10 +216,11 @@ PARITY_SENTENCES = [
 ]
 
 
-def our_entries(tokenizer: TextTokenizer, text: str) -> list[tuple[list[int], str, int]]:
-    """What the engine builds from the chunker + normalisation + tokenizer (padding_between = 1)."""
+def our_entries(tokenizer: TextTokenizer, text: str, rng: random.Random) -> list[tuple[list[int], str, int]]:
+    """What the engine builds from the chunker + normalisation + tokenizer (padding_between = 1),
+    the text arriving in random fragments."""
     out = []
-    for unit in chunk(random_split(text, random.Random(len(text)))):
+    for unit in chunk(random_split(text, rng)):
         if unit.break_s is not None:
             out.append(([], "", int(round(unit.break_s * 12.5))))
             continue
@@ -233,14 +231,15 @@ def our_entries(tokenizer: TextTokenizer, text: str) -> list[tuple[list[int], st
     return out
 
 
-def test_entries_match_moshi_script_to_entries(tokenizer: TextTokenizer) -> None:
+def test_entries_match_moshi_script_to_entries(tokenizer: TextTokenizer, test_seed: int) -> None:
     from moshi.models.tts import TokenIds, script_to_entries
 
+    rng = random.Random(test_seed)
     token_ids = TokenIds(TEST_VOCAB_SIZE + 1)
     for text in PARITY_SENTENCES:
         ref = script_to_entries(
             tokenizer.processor, token_ids, 12.5, [text], multi_speaker=False, padding_between=1
         )
         expected = [(list(e.tokens), e.text, e.padding) for e in ref]
-        assert our_entries(tokenizer, text) == expected, text
+        assert our_entries(tokenizer, text, rng) == expected, text
         assert all(0 not in tokens for tokens, _, _ in expected)
