@@ -20,7 +20,7 @@ import torch
 from . import dsm
 from .lm import LMModel, LMState, Rows, backbone_step, depformer_step
 from .mimi import MimiModel, MimiStreamingDecoder
-from .sampling import sample, stream_keys, to_seed
+from .sampling import exponential_noise, sample, sample_with_noise, stream_keys, to_seed
 
 Cross = Sequence[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]
 
@@ -147,8 +147,15 @@ class Generator:
             temp, top_k = pick(rows.take(self.temperature)), pick(rows.take(self.top_k))
             row_nq, row_keys, row_steps = pick(rows.take(self.n_q)), pick(keys), pick(steps)
 
+            # The noise of every codebook and vocabulary entry at once (a few ops, not a few per
+            # codebook); each codebook reads it at its top-k entries.
+            vocab = torch.arange(self.audio_vocab, dtype=torch.long, device=dev)
+            noise = exponential_noise(row_keys[:, 1 : 1 + n_q], vocab.expand(1, 1, -1))
+
             def choose(q: int, logits: torch.Tensor) -> torch.Tensor:
-                tok = sample(logits, temp, top_k, row_keys[:, 1 + q], max_top_k)
+                tok = sample_with_noise(
+                    logits, temp, top_k, lambda entries: noise[:, q].gather(-1, entries), max_top_k
+                )
                 return torch.where(row_nq > q, tok, torch.full_like(tok, -1))  # past the row's n_q: none
 
             codes = depformer_step(self.model, pick(hidden), pick(fed_t), n_q, choose)
