@@ -151,8 +151,10 @@ def main() -> None:
         opts = SessionOptions(n_q=args.n_q)
         ready = [first_audio(engine, opts, None) for _ in range(args.runs)]
         streamed = [first_audio(engine, opts, args.word_interval) for _ in range(args.runs)]
-        kv_bytes = engine.lm_state.k.element_size() * (engine.lm_state.k.numel() + engine.lm_state.v.numel())
-        buffers = engine.decoder.state.buffers.values()
+        kv_bytes = engine.generator.lm_state.k.element_size() * (
+            engine.generator.lm_state.k.numel() + engine.generator.lm_state.v.numel()
+        )
+        buffers = engine.generator.decoder.state.buffers.values()
         mimi_bytes = sum(t.numel() * t.element_size() for t in buffers) / engine.max_sessions
         engine.close()
     ref_times = [moshi_first_audio(ref, ref_mimi, args.n_q) for _ in range(args.runs)]

@@ -71,26 +71,29 @@ def moshi_steps(ref, batch: int, n_q: int):
 
 
 def our_steps(ours: LMModel, batch: int, n_q: int):
-    from kyutai_tts_plugin.sampling import sample_token
+    from kyutai_tts_plugin.sampling import sample, stream_keys
 
     state = LMState(ours, batch)
     rows = Rows.of(range(batch), torch.device("cpu"))
     mem = ours.speaker_memory([torch.randn(1, 512, 125)], 5)
     kv = ours.cross_kv(mem)
     cond = ours.condition_sum(2.0)[None].expand(batch, -1)
-    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    seeds = torch.arange(batch)
+    temp = torch.full((batch,), 0.6)
+    top_k, top_k_text = torch.full((batch,), 250), torch.full((batch,), 25)
+    streams = torch.arange(1 + n_q)
     tokens = torch.randint(0, 2048, (batch, 33))
-
-    def sample(q: int, logits: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([sample_token(logits[i], 0.6, 250, gens[i]) for i in range(batch)])
 
     t = 0
     while True:
         t0 = time.perf_counter()
         pos = torch.full((batch,), t, dtype=torch.long)
+        keys = stream_keys(seeds, pos, streams)
         hidden, logits = backbone_step(ours, state, rows, tokens, pos, cond, [(kv, torch.arange(batch))])
-        text = torch.tensor([sample_token(logits[i], 0.6, 25, gens[i]) for i in range(batch)])
-        depformer_step(ours, hidden, text, n_q, sample)
+        text = sample(logits, temp, top_k_text, keys[:, 0], 25)
+        depformer_step(
+            ours, hidden, text, n_q, lambda q, lg, k=keys: sample(lg, temp, top_k, k[:, 1 + q], 250)
+        )
         t += 1
         yield time.perf_counter() - t0
 

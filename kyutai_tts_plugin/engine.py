@@ -43,10 +43,10 @@ from .errors import (
     InvalidInputError,
     SessionClosedError,
 )
+from .generator import Generator, SlotSettings
 from .hardware import resolve_device, resolve_dtype
-from .lm import LMModel, LMShape, LMState, Rows, backbone_step, depformer_step, load_lm, quantize_int8
-from .mimi import MimiConfig, MimiModel, MimiStreamingDecoder
-from .sampling import sample_token
+from .lm import LMModel, LMShape, Rows, load_lm, quantize_int8
+from .mimi import MimiConfig, MimiModel
 from .text import RawWord, TextTokenizer, WordChunker, normalize_word_text
 from .types import (
     FRAME_DURATION_S,
@@ -291,13 +291,9 @@ class _SlotRun:
 
     row: int
     dsm_state: dsm.DSMState
-    generator: torch.Generator | None
-    cond_sum: torch.Tensor
+    settings: SlotSettings
     voice_key: tuple[str, ...]
-    n_q: int
     step: int = 0
-    prev: torch.Tensor | None = None  # tokens produced at the previous step, [1 + n_q_model]
-    semantic: deque[int] = field(default_factory=deque)
     raw_texts: deque[str] = field(default_factory=deque)  # raw text of each entry not yet timed
     pending_raw: str = ""
     words_timed: int = 0
@@ -349,13 +345,8 @@ class TTSEngine:
             second_stream_ahead=int(tts_config.get("second_stream_ahead", 0)),
         )
         self.multi_speaker = "speaker_wavs" in shape.conditioners
-        self._delays = torch.tensor(shape.delays, dtype=torch.long, device=device)
-        self._initial = torch.tensor(
-            [shape.text_card] + [shape.card] * shape.n_q, dtype=torch.long, device=device
-        )
         self._max_delay = max(shape.delays)
-        self.lm_state = LMState(model, max_sessions)
-        self.decoder = MimiStreamingDecoder(mimi, max_sessions)
+        self.generator = Generator(model, mimi, max_sessions, device, self.delay_steps)
         self._cross_cache: dict[tuple[str, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._cv = threading.Condition()
         self._slots: list[StreamingSession | None] = [None] * max_sessions
@@ -580,23 +571,20 @@ class TTSEngine:
 
     def _start_run(self, s: StreamingSession, row: int) -> _SlotRun:
         o = s.options
-        gen = None
-        if o.temperature > 0:
-            seed = o.seed if o.seed is not None else random.randrange(2**63)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.lm_state.reset(row)
-        self.decoder.reset([row])
-        run = _SlotRun(
-            row=row,
-            dsm_state=self.machine.new_state(),
-            generator=gen,
-            cond_sum=self.model.condition_sum(o.cfg_coef if self.model.cfg_values() else None).to(
-                self.device
-            ),
-            voice_key=tuple(s._voices),
+        settings = SlotSettings(
+            temperature=o.temperature,
+            top_k=o.top_k,
+            temperature_text=o.temperature,
+            top_k_text=o.top_k_text,
             n_q=o.n_q,
+            padding_bonus=o.padding_bonus,
+            seed=o.seed if o.seed is not None else random.randrange(2**63),
         )
-        return run
+        cond_sum = self.model.condition_sum(o.cfg_coef if self.model.cfg_values() else None)
+        self.generator.join(row, settings, cond_sum.to(self.device))
+        return _SlotRun(
+            row=row, dsm_state=self.machine.new_state(), settings=settings, voice_key=tuple(s._voices)
+        )
 
     def _take_inbox(self, s: StreamingSession) -> None:
         run = s.run
@@ -666,82 +654,44 @@ class TTSEngine:
         runs = [s.run for s in sessions]
         assert all(r is not None for r in runs)
         runs_: list[_SlotRun] = runs  # type: ignore[assignment]
-        shape = self.model.shape
         dev = self.device
         rows = Rows.of([r.row for r in runs_], dev)
-        steps = torch.tensor([r.step for r in runs_], dtype=torch.long, device=dev)
-        prev = torch.stack([r.prev if r.prev is not None else self._initial for r in runs_])
-        tokens = torch.where(steps[:, None] <= self._delays[None], self._initial[None], prev)
-        cond = torch.stack([r.cond_sum for r in runs_])
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, r in enumerate(runs_):
             groups.setdefault(r.voice_key, []).append(i)
         cross = [(self._voice_kv(k), torch.tensor(m, device=dev)) for k, m in groups.items()]
-        hidden, text_logits = backbone_step(
-            self.model, self.lm_state, rows, tokens, steps, cross=cross, cond_sum=cond
+        sampled_all = self.generator.text_step(
+            rows,
+            [r.step for r in runs_],
+            cross,
+            _max_top_k([r.settings for r in runs_], text=True, vocab=self.model.shape.text_card),
         )
+        fed = [self.machine.process(r.step, r.dsm_state, t) for r, t in zip(runs_, sampled_all, strict=True)]
 
-        fed: list[int] = []
-        sampled_all: list[int] = []
-        for i, (s, r) in enumerate(zip(sessions, runs_, strict=True)):
-            logits = text_logits[i]
-            if s.options.padding_bonus:
-                logits = logits.clone()
-                logits[dsm.PAD] += s.options.padding_bonus
-            sampled = sample_token(logits, s.options.temperature, s.options.top_k_text, r.generator)
-            sampled_all.append(sampled)
-            fed.append(self.machine.process(r.step, r.dsm_state, sampled))
-        fed_t = torch.tensor(fed, dtype=torch.long, device=dev)
-
-        audio = torch.full((len(runs_), shape.n_q), -1, dtype=torch.long, device=dev)
         deep = [i for i, r in enumerate(runs_) if r.step >= self.delay_steps]
-        if deep:
-            idx = torch.tensor(deep, device=dev)
-            n_q = max(runs_[i].n_q for i in deep)
-            sub = [sessions[i] for i in deep]
-            codes = depformer_step(self.model, hidden[idx], fed_t[idx], n_q, _AudioSampler(sub, runs_, deep))
-            audio[idx, :n_q] = codes
-            for i in deep:
-                r = runs_[i]
-                audio[i, r.n_q :] = -1
-                # The acoustic codebooks are delayed: their first steps are not audio yet.
-                keep = r.step >= self._delays[1:] + self.delay_steps
-                audio[i] = torch.where(keep, audio[i], torch.full_like(audio[i], -1))
+        # Frame t - max_delay is complete now: its semantic token is from then, acoustic from now.
+        decode = [i for i in deep if runs_[i].step - self._max_delay >= self.delay_steps]
+        audio_np, pcm_np = self.generator.audio_step(
+            fed,
+            deep,
+            max((runs_[i].settings.n_q for i in deep), default=0),
+            _max_top_k([runs_[i].settings for i in deep], text=False, vocab=self.model.shape.card),
+            decode,
+            [runs_[i].row for i in decode],
+        )
+        audio_host = audio_np.tolist()
+        chunks: dict[int, AudioChunk] = {}
+        for j, i in enumerate(decode):
+            index = runs_[i].step - self._max_delay - self.delay_steps
+            chunks[i] = AudioChunk(pcm_np[j], index * FRAME_DURATION_S)
 
-        new_prev = torch.cat([fed_t[:, None], audio], dim=1)
-        decode_rows: dict[int, int] = {}  # row in this step -> semantic token of the frame to decode
         observed: list[SessionStep] = []
-        audio_host = audio.tolist() if self._observers else None
         for i, (s, r) in enumerate(zip(sessions, runs_, strict=True)):
-            r.prev = new_prev[i]
-            if audio_host is not None:
+            if self._observers:
                 observed.append(
                     SessionStep(s.id, r.step, sampled_all[i], fed[i], tuple(audio_host[i]), r.dsm_state)
                 )
-            r.semantic.append(int(audio[i, 0]))
-            # Frame t - max_delay is complete now: its semantic token is from then, acoustic from now.
-            if r.step - self._max_delay >= self.delay_steps:
-                decode_rows[i] = r.semantic[0]
-            if len(r.semantic) > self._max_delay:
-                r.semantic.popleft()
             r.step += 1
-
-        chunks: dict[int, AudioChunk] = {}
-        by_nq: dict[int, list[int]] = {}
-        for i in decode_rows:
-            by_nq.setdefault(runs_[i].n_q, []).append(i)
-        for n_q, members in by_nq.items():
-            codes = torch.stack(
-                [
-                    torch.cat([torch.tensor([decode_rows[i]], device=dev), new_prev[i, 2 : 1 + n_q]])
-                    for i in members
-                ]
-            )[:, :, None]
-            pcm = self.decoder.decode_step(codes, [runs_[i].row for i in members]).clamp(-1, 1)
-            pcm_np = pcm.float().cpu().numpy()
-            for j, i in enumerate(members):
-                index = runs_[i].step - 1 - self._max_delay - self.delay_steps
-                chunks[i] = AudioChunk(pcm_np[j], index * FRAME_DURATION_S)
 
         for i, (s, r) in enumerate(zip(sessions, runs_, strict=True)):
             events: list[SessionEvent] = []
@@ -795,24 +745,15 @@ class TTSEngine:
         return out
 
 
-class _AudioSampler:
-    """Samples each codebook for the depformer rows, with each session's own settings and RNG."""
-
-    def __init__(self, sessions: list[StreamingSession], runs: list[_SlotRun], index: list[int]) -> None:
-        self.sessions = sessions
-        self.runs = [runs[i] for i in index]
-        self.greedy = all(s.options.temperature <= 0 for s in sessions)
-
-    def __call__(self, q: int, logits: torch.Tensor) -> torch.Tensor:
-        if self.greedy:
-            return torch.argmax(logits, dim=-1)
-        out = []
-        for i, (s, r) in enumerate(zip(self.sessions, self.runs, strict=True)):
-            if q >= r.n_q:
-                out.append(-1)  # not generated for this session: no random draw either
-            else:
-                out.append(sample_token(logits[i], s.options.temperature, s.options.top_k, r.generator))
-        return torch.tensor(out, dtype=torch.long, device=logits.device)
+def _max_top_k(settings: Sequence[SlotSettings], text: bool, vocab: int) -> int:
+    """The largest effective top-k among the sampled rows (the whole vocabulary for top-k 0)."""
+    best = 1
+    for st in settings:
+        k = st.top_k_text if text else st.top_k
+        t = st.temperature_text if text else st.temperature
+        if t > 0:
+            best = max(best, vocab if k <= 0 else min(k, vocab))
+    return best
 
 
 def _collect(session: StreamingSession, on_chunk: Callable[[AudioChunk], None] | None) -> Synthesis:

@@ -563,11 +563,13 @@ def depformer_step(
     n = hidden.shape[0]
     dep = model.depformer
     heads = s.depformer_num_heads
-    keys: list[list[torch.Tensor]] = [[] for _ in dep.layers]
-    values: list[list[torch.Tensor]] = [[] for _ in dep.layers]
+    d = s.depformer_dim
+    # Preallocated KV cache over the codebook axis: codebook q writes cell q and attends to 0..q.
+    cache_shape = (n, heads, max(n_q, 1), d // heads)
+    keys = [hidden.new_empty(cache_shape) for _ in dep.layers]
+    values = [hidden.new_empty(cache_shape) for _ in dep.layers]
     prev = text_tokens
     out = []
-    d = s.depformer_dim
     projected: dict[int, torch.Tensor] = {}  # codebooks sharing a weight set share this projection
     for q in range(n_q):
         j = s.depformer_schedule[q]
@@ -579,9 +581,9 @@ def depformer_step(
         for li, layer in enumerate(dep.layers):
             h = layer.norm1(x)
             qq, kk, vv = split_heads(apply_weight(h, layer.self_attn.w_in(j)), 3, heads)
-            keys[li].append(kk)
-            values[li].append(vv)
-            a = attention(qq, torch.cat(keys[li], 2), torch.cat(values[li], 2))
+            keys[li][:, :, q] = kk[:, :, 0]
+            values[li][:, :, q] = vv[:, :, 0]
+            a = attention(qq, keys[li][:, :, : q + 1], values[li][:, :, : q + 1])
             x = x + apply_weight(merge_heads(a), layer.self_attn.w_out(j))
             x = x + layer.gating[j](layer.norm2(x))
         logits = model.linears[q](x[:, 0])

@@ -486,11 +486,17 @@ class _RVQ(nn.Module):
         return self.vq.layers[i]._codebook.embedding
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [B, n, T] -> latent [B, dim, T]."""
-        total = F.embedding(codes[:, 0], self.codebook(0))
+        """codes [B, n, T] -> latent [B, dim, T]. A code -1 is an absent codebook (it adds exactly 0),
+        so streams with fewer codebooks decode in one batch with the others."""
+        total = self._lookup(codes, 0)
         for i in range(1, codes.shape[1]):
-            total = total + F.embedding(codes[:, i], self.codebook(i))
+            total = total + self._lookup(codes, i)
         return self.output_proj(total.transpose(1, 2))
+
+    def _lookup(self, codes: torch.Tensor, i: int) -> torch.Tensor:
+        c = codes[:, i]
+        e = F.embedding(c.clamp(min=0), self.codebook(i))
+        return torch.where((c >= 0)[..., None], e, torch.zeros_like(e))
 
     def encode(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """latent [B, dim, T] -> codes [B, n, T], each level quantizing what the previous ones left."""

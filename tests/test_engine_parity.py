@@ -124,13 +124,6 @@ def test_greedy_tokens_match_moshi_past_the_kv_window(oracle, engine, rec, n_q):
     assert rec.count(session) == result.end_steps[0] + 16 + 4 + 2
 
 
-def test_seeded_sampling_matches_moshi(oracle, engine, rec):
-    text = long_text(14, seed=3)
-    _, result = run_moshi(oracle, text, n_q=16, temp=0.6, seed=1234)
-    session, _, _ = run_ours(engine, text, n_q=16, temperature=0.6, top_k=250, top_k_text=25, seed=1234)
-    assert_same_run(rec, session, result, 16)
-
-
 def test_pcm_matches_moshi_streaming_decode(oracle, engine):
     text = long_text(10, seed=5)
     tts, result = run_moshi(oracle, text, n_q=32)

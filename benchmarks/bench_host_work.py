@@ -1,0 +1,106 @@
+"""Host work per engine step: aten ops and device->host syncs, at batch 1, 16 and 64 (tiny checkpoint).
+
+Counts, not time: the numbers do not depend on the machine. One thread.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_host_work.py [--batch 1 16 64] [--n-q 16] [--temperature 0.6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kyutai_tts_plugin.engine import TTSEngine  # noqa: E402
+from kyutai_tts_plugin.profiling import HostWorkCounter, count_engine_steps  # noqa: E402
+from kyutai_tts_plugin.testing import make_test_checkpoint  # noqa: E402
+from kyutai_tts_plugin.types import SessionOptions  # noqa: E402
+
+TEXT = "the quick brown fox jumps over the lazy dog while seven stars shine above the quiet hills"
+
+
+def measure_ours(
+    root: Path, batch: int, n_q: int, temperature: float, **engine_kwargs: object
+) -> tuple[float, float]:
+    """Mean (ops, syncs) per step over the steps where all `batch` sessions generate audio."""
+    engine = TTSEngine.from_pretrained(
+        root, voice_repo=root / "voices", max_sessions=batch, interleave_text_only=0, **engine_kwargs
+    )
+    try:
+        records, remove = count_engine_steps(engine, audio_only=True)
+        sessions = []
+        for i in range(batch):
+            s = engine.open_session(SessionOptions(n_q=n_q, temperature=temperature, seed=i))
+            s.push_text(TEXT)
+            s.flush()
+            sessions.append(s)
+        for s in sessions:
+            for _ in s:
+                pass
+        remove()
+    finally:
+        engine.close()
+    full = [(ops, syncs) for n, ops, syncs in records if n == batch]
+    if not full:
+        raise RuntimeError("no step ran all sessions together")
+    return sum(o for o, _ in full) / len(full), sum(s for _, s in full) / len(full)
+
+
+def measure_moshi(root: Path, batch: int, n_q: int, temperature: float) -> tuple[float, float] | None:
+    """moshi's `TTSModel.generate` on the same checkpoint: (ops, syncs) per step, or None without moshi."""
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.moshi_oracle import VOICES, build_moshi_checkpoint  # type: ignore[import-not-found]
+    except Exception:
+        return None
+    ckpt = build_moshi_checkpoint(root / "moshi")
+    tts = ckpt.load_moshi(n_q=n_q, temp=temperature)
+    entries = tts.prepare_script([TEXT], padding_between=1)
+    attrs = tts.make_condition_attributes([ckpt.voice_path(VOICES[0])], cfg_coef=2.0)
+    counter = HostWorkCounter()
+    steps = 0
+
+    def on_frame(*_: object) -> None:
+        nonlocal steps
+        steps += 1
+
+    with counter.counting():
+        result = tts.generate([entries] * batch, [attrs] * batch, on_frame=on_frame)
+    steps = max(steps, len(result.frames))
+    return counter.ops / steps, counter.syncs / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--n-q", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--moshi", action="store_true", help="also count moshi's TTSModel.generate")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_test_checkpoint(Path(tmp) / "tiny")
+        print(f"tiny checkpoint, n_q {args.n_q}, temperature {args.temperature}, one thread")
+        print(
+            f"{'batch':>5} {'ops/step':>10} {'syncs/step':>11}"
+            + ("   moshi ops/step  syncs/step" if args.moshi else "")
+        )
+        for b in args.batch:
+            ops, syncs = measure_ours(root, b, args.n_q, args.temperature)
+            line = f"{b:>5} {ops:>10.0f} {syncs:>11.1f}"
+            if args.moshi:
+                ref = measure_moshi(Path(tmp), b, args.n_q, args.temperature)
+                line += "   n/a" if ref is None else f"   {ref[0]:>14.0f} {ref[1]:>11.1f}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
