@@ -3,13 +3,21 @@
 The only test double is `ScriptedLLM`, which stands in for an LLM service: it answers each context
 with a scripted reply streamed token by token. Aggregators, the TTS base class, the pipeline worker
 and runner are Pipecat's own.
+
+No test depends on how fast the machine is: order in time is asserted in engine steps and in the
+order of the frames the TTS pushed, driven by the engine's step observer (`EngineProbe` parks the
+engine at an exact step) and by a scripted LLM that waits for pipeline events instead of sleeping.
+Every wait is for an event; its deadline (`HANG_GUARD_S`) only turns a hang into a failure. Wall-clock
+timeouts that the code under test could lean on (Pipecat's idle timeout of an audio context, the
+engine's queue timeout) are made effectively infinite, so that only the right mechanism can pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
-import time
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +53,131 @@ from pipecat.processors.aggregators.llm_response_universal import LLMContextAggr
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
+from kyutai_tts_plugin.engine import EngineStep, SessionStep, TTSEngine
 from kyutai_tts_plugin.errors import EngineFailure, InvalidInputError
 from kyutai_tts_plugin.pipecat import KyutaiTTSService
+from kyutai_tts_plugin.testing import HANG_GUARD_S, StepRecorder
 from kyutai_tts_plugin.types import SessionEvent, SessionOptions, TTSSession
 
 GREEDY = KyutaiTTSService.Settings(temperature=0.0)
+NEVER_S = 1e6  # a wall-clock timeout no test may rely on ("effectively infinite")
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait until `condition` holds; the deadline is a hang guard, never what a test measures."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HANG_GUARD_S
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"waited {HANG_GUARD_S:.0f} s for {what}: it never happened")
+        await asyncio.sleep(0.005)
+
+
+async def guarded(awaitable: Awaitable[Any], what: str) -> Any:
+    """Await `awaitable` under the hang guard."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout=HANG_GUARD_S)
+    except TimeoutError:
+        raise AssertionError(f"waited {HANG_GUARD_S:.0f} s for {what}: it never happened") from None
+
+
+def emits_audio(step: SessionStep) -> bool:
+    """Whether this step of a session produced an 80 ms audio chunk (the tests use n_q >= 2).
+
+    A chunk is decoded once the delayed acoustic codebooks are generated: from then on, every step of
+    the session yields one chunk, emitted before the step observers run.
+    """
+    return step.audio[0] >= 0 and step.audio[1] >= 0
+
+
+class EngineProbe:
+    """Watches the engine behind the pipeline step by step, and parks it at an exact step.
+
+    `recorder` records every session step; `sessions` lists the engine's session ids in the order
+    they first stepped (in remote mode too: the server's sessions run on this engine); `chunks`
+    counts each session's audio chunks. `park_at_chunk(k, n)` parks the worker right after the step
+    at which the k-th session emits its n-th chunk: that chunk (and every word timing due before it)
+    has reached the session, and no later step has run. While parked, cancels, flushes and pushes
+    still work (the worker holds no lock there), so a test acts between two exact steps.
+    """
+
+    def __init__(self, engine: TTSEngine) -> None:
+        self._cv = threading.Condition()
+        self.sessions: list[str] = []
+        self.chunks: dict[str, int] = {}
+        self._park_at: tuple[int, int] | None = None
+        self._parked_at: int | None = None
+        self._closed = False
+        self.recorder = StepRecorder(engine)  # added first: it has seen the step the probe parks after
+        self._remove = engine.add_step_observer(self._watch)
+
+    def _watch(self, step: EngineStep) -> None:
+        with self._cv:
+            for s in step.sessions:
+                if s.session_id not in self.chunks:
+                    self.sessions.append(s.session_id)
+                    self.chunks[s.session_id] = 0
+                self.chunks[s.session_id] += emits_audio(s)
+            if self._park_at is None or self._closed:
+                return
+            k, n = self._park_at
+            if k < len(self.sessions) and self.chunks[self.sessions[k]] >= n:
+                self._park_at = None
+                self._parked_at = step.index
+                self._cv.notify_all()
+                self._cv.wait_for(lambda: self._parked_at is None or self._closed)
+
+    def session(self, k: int) -> str:
+        with self._cv:
+            assert k < len(self.sessions), f"the engine ran {len(self.sessions)} sessions, not {k + 1}"
+            return self.sessions[k]
+
+    def park_at_chunk(self, k: int, n: int) -> None:
+        """Park the worker after the step at which the k-th session emits its n-th audio chunk."""
+        with self._cv:
+            self._park_at = (k, n)
+
+    async def parked(self) -> int:
+        """Wait until the worker is parked; the index of the engine step it is parked after."""
+
+        def wait() -> int:
+            with self._cv:
+                if not self._cv.wait_for(lambda: self._parked_at is not None, timeout=HANG_GUARD_S):
+                    raise AssertionError(f"the engine never reached the step to park at {self._park_at}")
+                assert self._parked_at is not None
+                return self._parked_at
+
+        return await asyncio.to_thread(wait)
+
+    def release(self) -> None:
+        """Let the parked worker go on (nothing if it is not parked)."""
+        with self._cv:
+            self._parked_at = None
+            self._cv.notify_all()
+
+    async def run_to_chunk(self, k: int, n: int) -> int:
+        """Let the engine run until the k-th session emits its n-th chunk, and park it there."""
+        self.park_at_chunk(k, n)
+        self.release()
+        return await self.parked()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._park_at = None
+            self._parked_at = None
+            self._cv.notify_all()
+        self._remove()
+        self.recorder.close()
+
+
+@pytest.fixture
+def probe(tiny_engine: TTSEngine) -> Any:
+    engine_probe = EngineProbe(tiny_engine)
+    try:
+        yield engine_probe
+    finally:
+        engine_probe.close()  # never leave the shared engine parked behind a failed test
 
 
 @dataclass
@@ -59,18 +187,23 @@ class Unfinished:
     tokens: list[str]
 
 
+Hold = Callable[[int, int], Awaitable[None]]
+
+
 class ScriptedLLM(FrameProcessor):
     """Stands in for an LLM service: answers each context frame with the next scripted reply.
 
     The reply is pushed from `process_frame`, token by token, like a real LLM service, so an
-    interruption cancels it mid-reply.
+    interruption cancels it mid-reply. There is no delay between tokens: a test that needs the LLM
+    to be still talking passes `hold(reply, token)`, awaited before each token, which waits for the
+    pipeline event the test is about. `pushed[r]` counts the tokens of reply r pushed so far.
     """
 
-    def __init__(self, replies: Sequence[Sequence[str] | Unfinished], token_delay_s: float = 0.02) -> None:
+    def __init__(self, replies: Sequence[Sequence[str] | Unfinished], hold: Hold | None = None) -> None:
         super().__init__()
         self._replies = list(replies)
-        self._delay = token_delay_s
-        self.token_times: list[list[float]] = []  # monotonic time each token was pushed, per reply
+        self._hold = hold
+        self.pushed: list[int] = []
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
@@ -79,13 +212,15 @@ class ScriptedLLM(FrameProcessor):
             return
         reply = self._replies.pop(0)
         tokens = reply.tokens if isinstance(reply, Unfinished) else reply
-        times: list[float] = []
-        self.token_times.append(times)
+        index = len(self.pushed)
+        self.pushed.append(0)
         await self.push_frame(LLMFullResponseStartFrame())
-        for token in tokens:
-            await asyncio.sleep(self._delay)
-            times.append(time.monotonic())
+        for i, token in enumerate(tokens):
+            if self._hold is not None:
+                await self._hold(index, i)
+            await asyncio.sleep(0)  # one token per frame, as a streaming LLM sends them
             await self.push_frame(LLMTextFrame(token))
+            self.pushed[index] += 1
         if not isinstance(reply, Unfinished):
             await self.push_frame(LLMFullResponseEndFrame())
 
@@ -94,7 +229,6 @@ class ScriptedLLM(FrameProcessor):
 class Pushed:
     frame: Frame
     direction: FrameDirection
-    at: float
 
 
 class Recorder(BaseObserver):
@@ -107,7 +241,7 @@ class Recorder(BaseObserver):
 
     async def on_push_frame(self, data: FramePushed) -> None:
         if data.source is self.tts:
-            self.pushed.append(Pushed(data.frame, data.direction, time.monotonic()))
+            self.pushed.append(Pushed(data.frame, data.direction))
 
     def down(self, *types: type) -> list[Frame]:
         return [
@@ -123,17 +257,18 @@ class Recorder(BaseObserver):
             if p.direction == FrameDirection.UPSTREAM and (not types or isinstance(p.frame, types))
         ]
 
-    def first(self, kind: type, **attrs: Any) -> Pushed:
-        for p in self.pushed:
-            if isinstance(p.frame, kind) and all(getattr(p.frame, k) == v for k, v in attrs.items()):
-                return p
-        raise AssertionError(f"no {kind.__name__} {attrs} was pushed")
+    def index(self, kind: type, nth: int = 0, **attrs: Any) -> int:
+        """Position in `pushed` of the nth frame of this kind (with these attributes)."""
+        found = [
+            i
+            for i, p in enumerate(self.pushed)
+            if isinstance(p.frame, kind) and all(getattr(p.frame, k) == v for k, v in attrs.items())
+        ]
+        assert len(found) > nth, f"no {kind.__name__} {attrs} number {nth} was pushed"
+        return found[nth]
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, "timed out waiting for the pipeline"
-            await asyncio.sleep(0.005)
+    async def wait_for(self, predicate: Callable[[], bool], what: str = "the pipeline") -> None:
+        await until(predicate, what)
 
 
 @dataclass
@@ -163,16 +298,28 @@ async def run_bot(
     script: Callable[[Bot], Awaitable[None]],
     *,
     settings: KyutaiTTSService.Settings | None = GREEDY,
-    token_delay_s: float = 0.02,
+    hold: Callable[[Bot, int, int], Awaitable[None]] | None = None,
     end: Frame | None = None,
-    timeout_s: float = 60.0,
     **tts_kwargs: Any,
 ) -> Bot:
     """Run user aggregator -> scripted LLM -> Kyutai TTS -> assistant aggregator until `script` ends,
-    then send `end` (an EndFrame by default) and wait for the pipeline to finish."""
+    then send `end` (an EndFrame by default) and wait for the pipeline to finish.
+
+    Pipecat's idle timeout of an audio context (`stop_frame_timeout_s`, 3 s) is made effectively
+    infinite unless a test passes one: a slow step must not end a context, and no test may pass
+    because a timeout ended what the service should have ended."""
     context = LLMContext()
     aggregators = LLMContextAggregatorPair(context)
-    llm = ScriptedLLM(replies, token_delay_s)
+    bot_ref: list[Bot] = []
+    llm_hold: Hold | None = None
+    if hold is not None:
+        hook = hold
+
+        async def llm_hold(reply: int, token: int) -> None:
+            await hook(bot_ref[0], reply, token)
+
+    llm = ScriptedLLM(replies, llm_hold)
+    tts_kwargs.setdefault("stop_frame_timeout_s", NEVER_S)
     tts = KyutaiTTSService(engine=engine, settings=settings, **tts_kwargs)
     recorder = Recorder(tts=tts)
     pipeline = Pipeline([aggregators.user(), llm, tts, aggregators.assistant()])
@@ -189,10 +336,11 @@ async def run_bot(
         started.set()
 
     bot = Bot(tts, llm, context, recorder, worker)
+    bot_ref.append(bot)
 
     async def drive() -> None:
         try:
-            await asyncio.wait_for(started.wait(), timeout=10)
+            await guarded(started.wait(), "the pipeline to start")
             await script(bot)
         except BaseException:
             await worker.cancel()  # don't leave the pipeline running behind a failed test
@@ -201,13 +349,24 @@ async def run_bot(
 
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
-    await asyncio.wait_for(asyncio.gather(runner.run(), drive()), timeout=timeout_s)
+    running = asyncio.ensure_future(runner.run())
+    try:
+        await drive()
+    except BaseException:
+        await guarded(running, "the cancelled pipeline to finish")
+        raise
+    await guarded(running, f"the pipeline to finish after the {type(end or EndFrame()).__name__}")
     return bot
 
 
 def tokens_of(text: str, size: int = 3) -> list[str]:
     """Cut text into LLM-like fragments of `size` characters: words split anywhere."""
     return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def complete_words(tokens: Sequence[str]) -> list[str]:
+    """The words these tokens complete (a word is complete once whitespace follows it)."""
+    return re.findall(r"\S+(?=\s)", "".join(tokens))
 
 
 def audio_of(frames: Sequence[Frame]) -> bytes:
@@ -236,35 +395,48 @@ TEXT = "Hello there, friend! It costs 42 dollars, or 3.5 euros. Shall we go now?
 
 async def test_llm_tokens_stream_to_the_engine_as_whole_words(tiny_engine: Any, backend: Any) -> None:
     tokens = tokens_of(TEXT)
+    all_words = TEXT.split()
     words_seen: list[tuple[int, list[str]]] = []  # (tokens pushed so far, words the engine has)
+    last_token_at: list[int] = []  # how many frames the TTS had pushed when the last token went out
+
+    def engine_words(bot: Bot) -> list[str] | None:
+        # The in-process session shows the words it was given (a remote one does not).
+        sessions = [s.session for s in bot.tts._streams.values() if hasattr(s.session, "words")]
+        return sessions[0].words if sessions else None
+
+    async def hold(bot: Bot, reply: int, token: int) -> None:
+        words = engine_words(bot)
+        if words is not None:
+            words_seen.append((token, words))
+        if token == len(tokens) - 1:
+            # The LLM holds back its last token until the TTS has pushed audio: on any machine, the
+            # test passes only if audio is produced while the LLM is still talking.
+            rec = bot.recorder
+            await until(lambda: bool(rec.down(TTSAudioRawFrame)), "audio before the LLM's last token")
+            last_token_at.append(len(rec.pushed))
+            if backend is tiny_engine:
+                # Every word the LLM completed has reached the engine, none held back for later.
+                complete = complete_words(tokens[:-1])
+                await until(lambda: engine_words(bot) == complete, f"the engine to have the words {complete}")
+                words_seen.append((token, complete))
 
     async def script(bot: Bot) -> None:
         await bot.say()
-        while len(bot.llm.token_times) == 0 or len(bot.llm.token_times[0]) < len(tokens):
-            await asyncio.sleep(0.01)
-            # The in-process session shows the words it was given (a remote one does not).
-            sessions = [s.session for s in bot.tts._streams.values() if hasattr(s.session, "words")]
-            if sessions:
-                words_seen.append((len(bot.llm.token_times[0]), sessions[0].words))
         await bot.recorder.wait_for(lambda: bool(bot.recorder.down(LLMFullResponseEndFrame)))
 
-    bot = await run_bot(backend, [tokens], script, token_delay_s=0.04)
+    bot = await run_bot(backend, [tokens], script, hold=hold)
     rec = bot.recorder
     expected = SessionOptions(temperature=0.0)
     reference = tiny_engine.synthesize(TEXT, expected)
 
-    # The engine received whole words while the LLM was still streaming, never a fragment.
-    all_words = TEXT.split()
-    mid_stream = [(n, w) for n, w in words_seen if 0 < n < len(tokens) and w]
-    assert mid_stream or backend is not tiny_engine, "the engine received no word before the LLM finished"
+    # The engine received whole words while the LLM was streaming, never a fragment.
+    assert [w for _, w in words_seen if w] or backend is not tiny_engine, "no word before the LLM finished"
     for n, words in words_seen:
         assert words == all_words[: len(words)]
-        if n < len(tokens):  # the end of the response flushes the last word
-            assert len(words) <= len(re.findall(r"\S+(?=\s)", "".join(tokens[:n])))
+        assert len(words) <= len(complete_words(tokens[:n]))
 
     # The first audio frame left the TTS before the LLM's last token.
-    first_audio = rec.first(TTSAudioRawFrame)
-    assert first_audio.at < bot.llm.token_times[0][-1]
+    assert last_token_at and rec.index(TTSAudioRawFrame) < last_token_at[0]
 
     # Exactly the audio of the one-shot synthesis, as one context bracketed by started/stopped.
     down = rec.down()
@@ -305,45 +477,63 @@ SECOND = "Sorry, go ahead."
 
 
 async def test_interruption_mid_sentence_keeps_the_heard_words_and_frees_the_slot(
-    tiny_engine: Any, backend: Any
+    tiny_engine: Any, backend: Any, probe: EngineProbe
 ) -> None:
+    first_tokens = tokens_of(FIRST)
+    stall_at = len(first_tokens) - 10  # the LLM is still writing the second sentence when interrupted
     marks: dict[str, int] = {}
+
+    async def hold(bot: Bot, reply: int, token: int) -> None:
+        if reply == 0 and token == stall_at:
+            # Until the interruption cancels the reply (the event is never set).
+            await guarded(asyncio.Event().wait(), "the interruption to cancel the LLM's reply")
 
     async def script(bot: Bot) -> None:
         rec = bot.recorder
+        # Interrupt once words of the unfinished second sentence have been played, with the engine
+        # parked between two steps: the interruption must free the slot without any further step.
+        probe.park_at_chunk(0, 1)
         await bot.say()
-        # Interrupt once words of the unfinished second sentence have been played.
-        await rec.wait_for(lambda: len(rec.down(TTSTextFrame)) >= 5)
-        marks["tokens_sent"] = len(bot.llm.token_times[0])
+        # The engine goes chunk by chunk, each chunk's frames pushed before the next step.
+        chunks = 0
+        while len(rec.down(TTSTextFrame)) < 5:
+            chunks += 1
+            marks["parked_at"] = await probe.run_to_chunk(0, chunks)
+            await rec.wait_for(lambda n=chunks: len(rec.down(TTSAudioRawFrame)) >= n, f"audio chunk {chunks}")
+        marks["steps"] = probe.recorder.count(probe.session(0))
         await bot.send(InterruptionFrame())
-        await rec.wait_for(lambda: bool(rec.down(InterruptionFrame)))
-        marks["interrupted"] = len(rec.pushed)
-        await rec.wait_for(lambda: tiny_engine.active_sessions == 0, timeout=2)
-        await asyncio.sleep(0.3)  # anything late from the cancelled session would show up here
-        marks["second"] = len(rec.pushed)
+        await rec.wait_for(lambda: bool(rec.down(InterruptionFrame)), "the interruption to pass the TTS")
+        if backend is tiny_engine:
+            assert tiny_engine.active_sessions == 0  # freed before the interruption went on
+        await until(lambda: tiny_engine.active_sessions == 0, "the server to free the slot")
+        assert probe.recorder.count(probe.session(0)) == marks["steps"]
+        probe.release()
         await bot.say()
         await rec.wait_for(
-            lambda: len(rec.down(TTSStoppedFrame)) >= 1 and bool(rec.down(LLMFullResponseEndFrame))
+            lambda: len(rec.down(TTSStoppedFrame)) >= 1 and bool(rec.down(LLMFullResponseEndFrame)),
+            "the second turn",
         )
 
-    first_tokens = tokens_of(FIRST)
-    bot = await run_bot(backend, [first_tokens, tokens_of(SECOND)], script, token_delay_s=0.06)
+    bot = await run_bot(backend, [first_tokens, tokens_of(SECOND)], script, hold=hold)
     rec = bot.recorder
-    first_ctx = rec.down(TTSStartedFrame)[0].context_id
-    before = [p.frame for p in rec.pushed[: marks["interrupted"]]]
-    after = [p.frame for p in rec.pushed[marks["interrupted"] :]]
+    first_ctx, second_ctx = contexts_in_order(rec.down())
+    interruption = rec.index(InterruptionFrame)
+    before = [p.frame for p in rec.pushed[:interruption]]
+    after = [p.frame for p in rec.pushed[interruption:]]
 
-    # Nothing of the interrupted context after the interruption: no audio, no words, no stop frame.
-    assert not [f for f in after if getattr(f, "context_id", None) == first_ctx]
-    assert not [
-        f
-        for f in rec.pushed[marks["interrupted"] : marks["second"]]
-        if isinstance(f.frame, (TTSAudioRawFrame, TTSTextFrame))
-    ]
+    # The cancelled session never stepped again, although the engine went on to speak the next turn
+    # (every step of which came after the interruption).
+    first, second = probe.session(0), probe.session(1)
+    assert probe.recorder.count(first) == marks["steps"]
+    assert min(probe.recorder.engine_indices(second)) > marks["parked_at"]
+    # Nothing of the interrupted context after the interruption: every audio and word frame after it
+    # belongs to the next turn, and there is no stop frame for the interrupted one.
+    assert not of_context(after, first_ctx)
+    assert all(f.context_id == second_ctx for f in after if isinstance(f, (TTSAudioRawFrame, TTSTextFrame)))
 
     # The context holds exactly the words that were played, including those of the unfinished sentence
-    # (which the LLM was still writing).
-    assert marks["tokens_sent"] < len(first_tokens) - 10
+    # (which the LLM was still writing: it had sent `stall_at` tokens and never sent more).
+    assert bot.llm.pushed[0] == stall_at < len(first_tokens)
     heard = [f for f in before if isinstance(f, TTSTextFrame)]
     played_s = len([f for f in before if isinstance(f, TTSAudioRawFrame)]) * 0.08
     assert len(heard) >= 5 and heard[2].text == "This"
@@ -354,7 +544,6 @@ async def test_interruption_mid_sentence_keeps_the_heard_words_and_frees_the_slo
     assert bot.assistant_messages()[0] == heard_text
 
     # The next turn starts clean: its own context, exactly its one-shot audio, the whole text.
-    second_ctx = rec.down(TTSStartedFrame)[1].context_id
     assert second_ctx != first_ctx
     reference = tiny_engine.synthesize(SECOND, SessionOptions(temperature=0.0))
     assert audio_of(of_context(after, second_ctx)) == pcm16(reference.pcm)
@@ -363,27 +552,72 @@ async def test_interruption_mid_sentence_keeps_the_heard_words_and_frees_the_slo
     assert not rec.up(ErrorFrame)
 
 
-async def test_interruption_before_any_audio_and_between_flush_and_drain(tiny_engine: Any) -> None:
+async def test_interruption_before_any_audio_and_between_flush_and_drain(
+    tiny_engine: Any, probe: EngineProbe
+) -> None:
+    first_tokens = tokens_of(FIRST)
+    # The first reply stalls before the token that completes its second word: the engine has one word,
+    # too few to take a single step (it looks two words ahead), so it cannot have made any audio.
+    stall_at = next(n for n in range(len(first_tokens)) if len(complete_words(first_tokens[: n + 1])) == 2)
+    marks: dict[str, int] = {}
+
+    async def hold(bot: Bot, reply: int, token: int) -> None:
+        if reply == 0 and token == stall_at:
+            # Until the interruption cancels the reply (the event is never set).
+            await guarded(asyncio.Event().wait(), "the interruption to cancel the LLM's reply")
+
+    async def interrupt(bot: Bot, nth: int) -> None:
+        rec = bot.recorder
+        await bot.send(InterruptionFrame())
+        await rec.wait_for(lambda: len(rec.down(InterruptionFrame)) == nth, f"interruption {nth}")
+        assert tiny_engine.active_sessions == 0  # freed before the interruption went on
+
     async def script(bot: Bot) -> None:
         rec = bot.recorder
-        await bot.say()  # interrupted after its first word reached the engine, before any audio
-        await rec.wait_for(lambda: bool(bot.tts._streams))
-        await bot.send(InterruptionFrame())
-        await rec.wait_for(lambda: tiny_engine.active_sessions == 0, timeout=2)
-        await bot.say()  # interrupted after the LLM finished, while the engine still speaks the rest
-        await rec.wait_for(lambda: any(s.flushed for s in bot.tts._streams.values()))
-        await bot.send(InterruptionFrame())
-        await rec.wait_for(lambda: tiny_engine.active_sessions == 0, timeout=2)
+        # 1. Interrupted after its first word reached the engine, before any audio.
         await bot.say()
-        await rec.wait_for(lambda: len(rec.down(TTSStoppedFrame)) >= 1)
+        await rec.wait_for(
+            lambda: (
+                [s.session.words for s in bot.tts._streams.values()] == [["Hello"]]
+                and bool(rec.down(TTSStartedFrame))
+            ),
+            "the first word to reach the engine",
+        )
+        await interrupt(bot, 1)
+        assert not rec.down(TTSAudioRawFrame)
+        # 2. Interrupted after the LLM finished, while the engine still speaks the rest: parked right
+        # after the step that produced the second reply's first audio.
+        probe.park_at_chunk(0, 1)
+        await bot.say()
+        marks["parked_at"] = await probe.parked()
+        await rec.wait_for(lambda: bool(rec.down(TTSAudioRawFrame)), "the second reply's first audio")
+        (stream,) = bot.tts._streams.values()
+        assert stream.flushed and not stream.done
+        marks["second_steps"] = probe.recorder.count(probe.session(0))
+        await interrupt(bot, 2)
+        assert probe.recorder.count(probe.session(0)) == marks["second_steps"]
+        probe.release()
+        await bot.say()
+        await rec.wait_for(lambda: len(rec.down(TTSStoppedFrame)) >= 1, "the third reply")
 
     bot = await run_bot(
-        tiny_engine, [tokens_of(FIRST), tokens_of(SECOND, 1), tokens_of(SECOND)], script, token_delay_s=0.01
+        tiny_engine, [first_tokens, tokens_of(SECOND, 1), tokens_of(SECOND)], script, hold=hold
     )
     rec = bot.recorder
-    # Only the last turn completed; the two interrupted ones pushed no stop frame.
-    assert len(rec.down(TTSStoppedFrame)) == 1
-    last_ctx = rec.down(TTSStoppedFrame)[0].context_id
+    first_ctx, second_ctx, last_ctx = contexts_in_order(rec.down())
+    # The first session never stepped; the second never stepped again while the engine spoke the
+    # third reply, every step of which came after the interruption.
+    assert bot.llm.pushed[0] == stall_at
+    second, third = probe.sessions
+    assert probe.recorder.count(second) == marks["second_steps"]
+    assert min(probe.recorder.engine_indices(third)) > marks["parked_at"]
+    # Only the last turn completed; the two interrupted ones pushed no stop frame, and nothing of them
+    # came after their interruption.
+    assert [f.context_id for f in rec.down(TTSStoppedFrame)] == [last_ctx]
+    assert not of_context([p.frame for p in rec.pushed[rec.index(InterruptionFrame, 0) :]], first_ctx)
+    assert not of_context([p.frame for p in rec.pushed[rec.index(InterruptionFrame, 1) :]], second_ctx)
+    assert not audio_of(of_context(rec.down(), first_ctx))
+    assert len(audio_of(of_context(rec.down(), second_ctx))) == 3840  # the one chunk before the park
     reference = tiny_engine.synthesize(SECOND, SessionOptions(temperature=0.0))
     assert audio_of(of_context(rec.down(), last_ctx)) == pcm16(reference.pcm)
     assert bot.assistant_messages()[-1] == SECOND
@@ -421,7 +655,7 @@ async def test_back_to_back_replies_speak_frame_empty_and_emoji_replies(tiny_eng
         await bot.recorder.wait_for(lambda: len(bot.recorder.down(LLMFullResponseEndFrame)) == 4)
 
     replies = [tokens_of(a), tokens_of(b), [], ["😀", " 🎉"]]
-    bot = await run_bot(tiny_engine, replies, script, token_delay_s=0.005)
+    bot = await run_bot(tiny_engine, replies, script)
     rec = bot.recorder
     down = rec.down()
     ids = contexts_in_order(down)
@@ -501,54 +735,76 @@ def test_bad_constructor_arguments_raise_clear_errors(tiny_engine: Any) -> None:
 # -- ending ---------------------------------------------------------------------------------------
 
 
-async def test_end_frame_mid_utterance_finishes_promptly(tiny_engine: Any) -> None:
+async def test_end_frame_mid_utterance_finishes_promptly(tiny_engine: Any, probe: EngineProbe) -> None:
     text = "Let me think about that for a sec"
 
     async def script(bot: Bot) -> None:
         await bot.say()
         n = len(tokens_of(text))
-        await bot.recorder.wait_for(lambda: bool(bot.llm.token_times) and len(bot.llm.token_times[0]) == n)
+        await bot.recorder.wait_for(lambda: bot.llm.pushed == [n], "the LLM's last token")
 
-    t0 = time.monotonic()
-    bot = await run_bot(tiny_engine, [Unfinished(tokens_of(text))], script, token_delay_s=0.01)
-    ended = time.monotonic()
+    # The LLM never ends its response, and Pipecat's idle timeout of the context is effectively
+    # infinite (run_bot): only the EndFrame flushing the open session can end the turn, and the
+    # pipeline must finish within the hang guard.
+    bot = await run_bot(tiny_engine, [Unfinished(tokens_of(text))], script)
     rec = bot.recorder
-    # No idle-timeout wait (3 s): the open session is flushed by the EndFrame; the partial last word
-    # ("sec", which no whitespace ended) is dropped.
-    assert ended - bot.llm.token_times[0][-1] < 2.0, ended - t0
     assert [type(f) for f in rec.down(TTSStartedFrame, TTSStoppedFrame, EndFrame)] == [
         TTSStartedFrame,
         TTSStoppedFrame,
         EndFrame,
     ]
+    # The partial last word ("sec", which no whitespace ended) is dropped; the rest is spoken whole,
+    # in exactly the steps of the one-shot synthesis of that text.
     spoken = "Let me think about that for a"
-    expected = pcm16(tiny_engine.synthesize(spoken, SessionOptions(temperature=0.0)).pcm)
-    assert audio_of(rec.down()) == expected
+    (session,) = probe.sessions
+    steps = probe.recorder.count(session)
+    expected = tiny_engine.synthesize(spoken, SessionOptions(temperature=0.0))
+    assert audio_of(rec.down()) == pcm16(expected.pcm)
+    assert steps == probe.recorder.count(probe.session(1))
     assert tiny_engine.active_sessions == 0 and not bot.tts._streams
 
 
-async def test_cancel_frame_mid_utterance_stops_at_once(tiny_engine: Any) -> None:
-    cancelled_at: list[float] = []
+async def test_cancel_frame_mid_utterance_stops_at_once(tiny_engine: Any, probe: EngineProbe) -> None:
+    marks: dict[str, int] = {}
 
     async def script(bot: Bot) -> None:
+        # The engine is parked right after the step that made the third audio chunk; the CancelFrame
+        # follows. The pipeline must finish while the engine stays parked: the cancel waits for no
+        # engine step.
+        probe.park_at_chunk(0, 3)
         await bot.say()
-        await bot.recorder.wait_for(lambda: len(bot.recorder.down(TTSAudioRawFrame)) >= 3)
-        cancelled_at.append(time.monotonic())
+        marks["parked_at"] = await probe.parked()
+        await bot.recorder.wait_for(lambda: len(bot.recorder.down(TTSAudioRawFrame)) == 3, "3 audio frames")
+        marks["steps"] = probe.recorder.count(probe.session(0))
 
-    bot = await run_bot(tiny_engine, [tokens_of(FIRST)], script, token_delay_s=0.01, end=CancelFrame())
-    assert time.monotonic() - cancelled_at[0] < 1.0
+    try:
+        bot = await run_bot(tiny_engine, [tokens_of(FIRST)], script, end=CancelFrame())
+        # Still parked: the slot was freed by the cancel itself.
+        assert tiny_engine.active_sessions == 0
+    finally:
+        probe.release()
     rec = bot.recorder
-    cancel_index = next(i for i, p in enumerate(rec.pushed) if isinstance(p.frame, CancelFrame))
+    cancel_index = rec.index(CancelFrame)
     assert not [p for p in rec.pushed[cancel_index:] if isinstance(p.frame, (TTSAudioRawFrame, TTSTextFrame))]
     assert not rec.down(TTSStoppedFrame)
-    assert tiny_engine.active_sessions == 0 and not bot.tts._streams
+    assert not bot.tts._streams
+    # The engine went on (a new utterance, every step of it after the park); the cancelled session
+    # never stepped again.
+    tiny_engine.synthesize("One more.", SessionOptions(temperature=0.0))
+    cancelled, later = probe.sessions
+    assert probe.recorder.count(cancelled) == marks["steps"]
+    assert min(probe.recorder.engine_indices(later)) > marks["parked_at"]
 
 
 # -- errors ---------------------------------------------------------------------------------------
 
 
-async def test_engine_full_is_an_error_frame_and_the_pipeline_keeps_going(tiny_engine: Any) -> None:
-    # Take every slot and every place in the wait queue.
+async def test_engine_full_is_an_error_frame_and_the_pipeline_keeps_going(
+    tiny_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Take every slot and every place in the wait queue; none of the waiting ones may time out and
+    # make room, however slow the run.
+    monkeypatch.setattr(tiny_engine, "queue_timeout_s", math.inf)
     blockers = []
     try:
         while True:
@@ -660,23 +916,44 @@ async def test_a_model_that_cannot_load_is_reported_per_utterance(tmp_path: Path
     assert len(errors) == 1 and errors[0].startswith("Kyutai TTS:") and "config.json" in errors[0], errors
 
 
-async def test_the_model_loads_in_the_background_without_delaying_the_pipeline(tiny_checkpoint: Path) -> None:
+async def test_the_model_loads_in_the_background_without_delaying_the_pipeline(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kyutai_tts_plugin.engine as engine_module
     from kyutai_tts_plugin.engine import TTSEngine
 
+    # The model load is held until the test lets it go: the pipeline must start, and the first
+    # utterance begin, while the model is still loading, however fast the load would be.
+    may_load = threading.Event()
+    load = engine_module.shared_engine
+
+    def held_load(*args: Any, **kwargs: Any) -> TTSEngine:
+        if not may_load.wait(timeout=HANG_GUARD_S):
+            raise AssertionError("the test never let the model load")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "shared_engine", held_load)
     loaded_at_start: list[bool] = []
 
     async def script(bot: Bot) -> None:
         loaded_at_start.append(bot.tts.engine is not None)
         await bot.say()
-        await bot.recorder.wait_for(lambda: len(bot.recorder.down(TTSStoppedFrame)) == 1)
+        # The utterance has started (its context is open, text reached the service) and waits.
+        await bot.recorder.wait_for(lambda: bool(bot.recorder.down(TTSStartedFrame)), "the utterance")
+        loaded_at_start.append(bot.tts.engine is not None)
+        may_load.set()
+        await bot.recorder.wait_for(lambda: len(bot.recorder.down(TTSStoppedFrame)) == 1, "the utterance")
 
-    bot = await run_bot(
-        None, [tokens_of(SECOND)], script, model=tiny_checkpoint, voice_repo=tiny_checkpoint / "voices"
-    )
+    try:
+        bot = await run_bot(
+            None, [tokens_of(SECOND)], script, model=tiny_checkpoint, voice_repo=tiny_checkpoint / "voices"
+        )
+    finally:
+        may_load.set()
     engine = bot.tts.engine
     assert isinstance(engine, TTSEngine)
     try:
-        assert loaded_at_start == [False]
+        assert loaded_at_start == [False, False]
         expected = engine.synthesize(SECOND, SessionOptions(temperature=0.0))
         assert audio_of(bot.recorder.down()) == pcm16(expected.pcm)
         assert not bot.recorder.up(ErrorFrame)
