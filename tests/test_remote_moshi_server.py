@@ -209,7 +209,7 @@ async def test_pipecat_pipeline_over_moshi_server_speaks_all_audio_and_words(mos
 
     async def script(bot: Bot) -> None:
         await bot.say()
-        await bot.recorder.wait_for(lambda: bool(bot.recorder.down(TTSStoppedFrame)), timeout=HANG_GUARD_S)
+        await bot.recorder.wait_for(lambda: bool(bot.recorder.down(TTSStoppedFrame)), "the stop frame")
 
     bot = await run_bot(RemoteTTS(moshi.url, api_key=KEY), [tokens], script)
     fake = await only_session(moshi)
@@ -226,7 +226,7 @@ async def test_pipecat_close_mid_stream_is_an_error_frame() -> None:
 
         async def script(bot: Bot) -> None:
             await bot.say()
-            await bot.recorder.wait_for(lambda: bool(bot.recorder.up(ErrorFrame)), timeout=HANG_GUARD_S)
+            await bot.recorder.wait_for(lambda: bool(bot.recorder.up(ErrorFrame)), "the error frame")
 
         bot = await run_bot(RemoteTTS(server.url, api_key=KEY), [tokens_of(TEXT)], script)
         errors = bot.recorder.up(ErrorFrame)
