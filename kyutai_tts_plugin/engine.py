@@ -60,6 +60,7 @@ from .types import (
 
 logger = logging.getLogger(__name__)
 
+REAL_TIME_CHECK_STEPS = 25  # 2 s of steps: enough to tell a slow engine from one slow step
 FINAL_PADDING = 4  # steps generated after the end of speech, as in the reference
 
 
@@ -298,6 +299,8 @@ class _SlotRun:
     pending_raw: str = ""
     words_timed: int = 0
     entries_with_tokens_pending: int = 0
+    compute_s: float = 0.0  # wall time of the engine steps this session took part in
+    warned_slow: bool = False
 
 
 class TTSEngine:
@@ -353,6 +356,7 @@ class TTSEngine:
         self._waiting: deque[StreamingSession] = deque()
         self._closed = False
         self._observers: list[StepObserver] = []
+        self._clock: Callable[[], float] = time.perf_counter  # tests drive it
         self._step_index = 0
         self._worker = threading.Thread(target=self._loop, name="kyutai-tts-engine", daemon=True)
         self._worker.start()
@@ -651,6 +655,7 @@ class TTSEngine:
     def _step(self, sessions: list[StreamingSession]) -> None:
         if not sessions:
             return
+        started = self._clock()
         runs = [s.run for s in sessions]
         assert all(r is not None for r in runs)
         runs_: list[_SlotRun] = runs  # type: ignore[assignment]
@@ -707,6 +712,7 @@ class TTSEngine:
                     self._release(s)
                 s._end()
 
+        self._check_real_time(sessions, self._clock() - started)
         index, self._step_index = self._step_index, self._step_index + 1
         if observed:
             step = EngineStep(index, tuple(observed))
@@ -715,6 +721,27 @@ class TTSEngine:
                     observer(step)
                 except Exception:  # an observer's bug must not fail the sessions it watches
                     logger.exception("step observer %r failed", observer)
+
+    def _check_real_time(self, sessions: list[StreamingSession], step_s: float) -> None:
+        """Say once per session, in the log, when the engine makes its audio slower than it plays."""
+        for s in sessions:
+            r = s.run
+            if r is None or r.warned_slow:
+                continue
+            r.compute_s += step_s
+            if r.step >= REAL_TIME_CHECK_STEPS and r.compute_s > r.step * FRAME_DURATION_S:
+                r.warned_slow = True
+                rate = r.step * FRAME_DURATION_S / r.compute_s
+                logger.warning(
+                    "session %s is generated slower than real time (%.2fx: %.1f s of audio took %.1f s); "
+                    "its listener will hear gaps. Use a GPU (device='cuda', dtype='bfloat16'); on a CPU, "
+                    "dtype='bfloat16', fewer codebooks (n_q=8) or quantize='int8' are faster, or serve "
+                    "fewer sessions at once",
+                    s.id,
+                    rate,
+                    r.step * FRAME_DURATION_S,
+                    r.compute_s,
+                )
 
     def _word_timings(
         self, r: _SlotRun, s: StreamingSession, chunk: AudioChunk | None, final: bool = False
