@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 from livekit.agents import (
     DEFAULT_API_CONNECT_OPTIONS,
@@ -116,4 +117,11 @@ async def entrypoint(ctx: JobContext) -> None:
 
 
 if __name__ == "__main__":
+    from kyutai_tts_plugin import KyutaiTTSError
+    from kyutai_tts_plugin.hardware import resolve_device
+
+    try:  # a device this machine lacks: one line now, not a traceback in every job process
+        resolve_device(os.environ.get("KYUTAI_TTS_DEVICE", "cpu"))
+    except KyutaiTTSError as e:
+        sys.exit(f"livekit_agent.py: error: {e} (KYUTAI_TTS_DEVICE)")
     cli.run_app(WorkerOptions(entrypoint_fnc=entrypoint, prewarm_fnc=prewarm, initialize_process_timeout=120))

@@ -171,3 +171,23 @@ def test_ctrl_c_during_start_up_is_one_line(monkeypatch: pytest.MonkeyPatch, cap
     monkeypatch.setattr(engine.TTSEngine, "from_pretrained", interrupted)
     assert cli.main([*SYNTH, str(tmp_path / "x.wav")]) == 130
     assert capsys.readouterr().err == "kyutai-tts: interrupted\n"
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_examples_name_a_missing_device_in_one_line(home: Path) -> None:
+    env = {**os.environ, "HF_HOME": str(home), "HF_ENDPOINT": CLOSED_PORT_HUB, "KYUTAI_TTS_DEVICE": "cuda:99"}
+    runs = {
+        "pipecat_bot.py": [str(EXAMPLES / "pipecat_bot.py"), "--device", "cuda:99"],
+        "pipecat_webrtc_bot.py": [str(EXAMPLES / "pipecat_webrtc_bot.py"), "--device", "cuda:99"],
+        "livekit_agent.py": [str(EXAMPLES / "livekit_agent.py"), "download-files"],
+    }
+    for name, args in runs.items():
+        result = subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, cwd=home
+        )
+        assert result.returncode != 0, (name, result.stderr)
+        ours = [line for line in result.stderr.splitlines() if line.startswith(f"{name}: error:")]
+        assert len(ours) == 1 and "device 'cuda:99' is not available" in ours[0], (name, result.stderr)
+        assert "Traceback" not in result.stderr, (name, result.stderr)
