@@ -27,7 +27,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kyutai_tts_plugin.configs import REAL_LM_CONFIG  # noqa: E402
-from kyutai_tts_plugin.lm import LMModel, LMShape, LMState, Rows, backbone_step, depformer_step, load_lm  # noqa: E402
+from kyutai_tts_plugin.generator import Generator, SlotSettings  # noqa: E402
+from kyutai_tts_plugin.lm import LMModel, LMShape, load_lm  # noqa: E402
+from kyutai_tts_plugin.mimi import MimiModel  # noqa: E402
 
 
 def real_config() -> dict:
@@ -70,37 +72,26 @@ def moshi_steps(ref, batch: int, n_q: int):
         ref.dep_q = ref.n_q
 
 
-def our_steps(ours: LMModel, batch: int, n_q: int):
-    from kyutai_tts_plugin.sampling import sample, stream_keys
-
-    state = LMState(ours, batch)
-    rows = Rows.of(range(batch), torch.device("cpu"))
-    mem = ours.speaker_memory([torch.randn(1, 512, 125)], 5)
-    kv = ours.cross_kv(mem)
-    cond = ours.condition_sum(2.0)[None].expand(batch, -1)
-    seeds = torch.arange(batch)
-    temp = torch.full((batch,), 0.6)
-    top_k, top_k_text = torch.full((batch,), 250), torch.full((batch,), 25)
-    streams = torch.arange(1 + n_q)
-    tokens = torch.randint(0, 2048, (batch, 33))
-
-    t = 0
+def our_steps(ours: LMModel, mimi: MimiModel, batch: int, n_q: int, compile: bool):
+    """The engine's own device step (`Generator`), every slot stepping, no Mimi decode (moshi's
+    `LMGen.step` does not decode either)."""
+    gen = Generator(ours, mimi, batch, torch.device("cpu"), delay_steps=16, compile=compile)
+    kv = ours.cross_kv(ours.speaker_memory([torch.randn(1, 512, 125)], 5))
+    cond = ours.condition_sum(2.0)
+    for row in range(batch):
+        gen.join(row, SlotSettings(0.6, 250, 0.6, 25, n_q, 0.0, seed=row), cond, kv)
     while True:
         t0 = time.perf_counter()
-        pos = torch.full((batch,), t, dtype=torch.long)
-        keys = stream_keys(seeds, pos, streams)
-        hidden, logits = backbone_step(ours, state, rows, tokens, pos, cond, [(kv, torch.arange(batch))])
-        text = sample(logits, temp, top_k_text, keys[:, 0], 25)
-        depformer_step(
-            ours, hidden, text, n_q, lambda q, lg, k=keys: sample(lg, temp, top_k, k[:, 1 + q], 250)
-        )
-        t += 1
+        sampled = gen.text_step(batch, 25)
+        gen.audio_step(sampled, n_q, 250, [])
         yield time.perf_counter() - t0
 
 
-def alternate(ref, ours: LMModel, batch: int, n_q: int, steps: int) -> tuple[float, float]:
+def alternate(
+    ref, ours: LMModel, mimi: MimiModel, batch: int, n_q: int, steps: int, compile: bool
+) -> tuple[float, float]:
     """Median ms/step of each engine, stepping them alternately so machine noise hits both alike."""
-    m_it, o_it = moshi_steps(ref, batch, n_q), our_steps(ours, batch, n_q)
+    m_it, o_it = moshi_steps(ref, batch, n_q), our_steps(ours, mimi, batch, n_q, compile)
     m, o = [], []
     for _ in range(steps + 2):
         m.append(next(m_it))
@@ -119,12 +110,14 @@ def main() -> None:
     ap.add_argument(
         "--quantize", choices=["int8"], default=None, help="our engine only (moshi has no such mode)"
     )
+    ap.add_argument("--compile", action="store_true", help="our step with compile=True (torch.compile)")
     ap.add_argument("--out", default=None, help="append a markdown table to this file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     ref, ours = build(dtype)
+    mimi = MimiModel().to(dtype=torch.float32)  # only its decoder state is allocated: nothing decodes
     if args.quantize:
         from kyutai_tts_plugin.lm import quantize_int8
 
@@ -132,7 +125,7 @@ def main() -> None:
     rows = []
     for batch in args.batch:
         for n_q in args.n_q:
-            m, o = alternate(ref, ours, batch, n_q, args.steps)
+            m, o = alternate(ref, ours, mimi, batch, n_q, args.steps, args.compile)
             rows.append((batch, n_q, o, m))
             print(
                 f"batch {batch:3d} n_q {n_q:2d}: ours {o:8.1f} ms/step  moshi {m:8.1f} ms/step  "
@@ -141,7 +134,8 @@ def main() -> None:
             )
     table = [
         f"### Step time, real-size random weights, {args.dtype}"
-        f"{', ours with int8 weights' if args.quantize else ''}, {date.today()}",
+        f"{', ours with int8 weights' if args.quantize else ''}"
+        f"{', ours compiled (compile=True)' if args.compile else ''}, {date.today()}",
         "",
         f"Command: `python benchmarks/bench_step.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

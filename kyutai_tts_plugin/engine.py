@@ -45,7 +45,7 @@ from .errors import (
 )
 from .generator import Generator, SlotSettings
 from .hardware import resolve_device, resolve_dtype
-from .lm import LMModel, LMShape, Rows, load_lm, quantize_int8
+from .lm import LMModel, LMShape, load_lm, quantize_int8
 from .mimi import MimiConfig, MimiModel
 from .text import RawWord, TextTokenizer, WordChunker, normalize_word_text
 from .types import (
@@ -322,6 +322,7 @@ class TTSEngine:
         max_buffered_s: float | None = None,
         interleave_text_only: int = 2,
         max_speakers: int = 5,
+        compile: bool = False,
     ) -> None:
         if max_sessions < 1:
             raise InvalidInputError("max_sessions must be at least 1")
@@ -349,7 +350,7 @@ class TTSEngine:
         )
         self.multi_speaker = "speaker_wavs" in shape.conditioners
         self._max_delay = max(shape.delays)
-        self.generator = Generator(model, mimi, max_sessions, device, self.delay_steps)
+        self.generator = Generator(model, mimi, max_sessions, device, self.delay_steps, compile=compile)
         self._cross_cache: dict[tuple[str, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._cv = threading.Condition()
         self._slots: list[StreamingSession | None] = [None] * max_sessions
@@ -585,7 +586,8 @@ class TTSEngine:
             seed=o.seed if o.seed is not None else random.randrange(2**63),
         )
         cond_sum = self.model.condition_sum(o.cfg_coef if self.model.cfg_values() else None)
-        self.generator.join(row, settings, cond_sum.to(self.device))
+        cross = self._voice_kv(tuple(s._voices)) if self.multi_speaker else None
+        self.generator.join(row, settings, cond_sum.to(self.device), cross)
         return _SlotRun(
             row=row, dsm_state=self.machine.new_state(), settings=settings, voice_key=tuple(s._voices)
         )
@@ -659,32 +661,28 @@ class TTSEngine:
         runs = [s.run for s in sessions]
         assert all(r is not None for r in runs)
         runs_: list[_SlotRun] = runs  # type: ignore[assignment]
-        dev = self.device
-        rows = Rows.of([r.row for r in runs_], dev)
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for i, r in enumerate(runs_):
-            groups.setdefault(r.voice_key, []).append(i)
-        cross = [(self._voice_kv(k), torch.tensor(m, device=dev)) for k, m in groups.items()]
-        sampled_all = self.generator.text_step(
-            rows,
-            [r.step for r in runs_],
-            cross,
-            _max_top_k([r.settings for r in runs_], text=True, vocab=self.model.shape.text_card),
+        gen = self.generator
+        # Every slot of the span is computed; those not in `sessions` are masked (fed -1).
+        span = gen.span_for(r.row for r in runs_)
+        sampled_span = gen.text_step(
+            span, _max_top_k([r.settings for r in runs_], text=True, vocab=self.model.shape.text_card)
         )
+        sampled_all = [sampled_span[r.row] for r in runs_]
         fed = [self.machine.process(r.step, r.dsm_state, t) for r, t in zip(runs_, sampled_all, strict=True)]
+        fed_span = [-1] * span
+        for r, f in zip(runs_, fed, strict=True):
+            fed_span[r.row] = f
 
-        deep = [i for i, r in enumerate(runs_) if r.step >= self.delay_steps]
+        deep = [r for r in runs_ if r.step >= self.delay_steps]
         # Frame t - max_delay is complete now: its semantic token is from then, acoustic from now.
-        decode = [i for i in deep if runs_[i].step - self._max_delay >= self.delay_steps]
-        audio_np, pcm_np = self.generator.audio_step(
-            fed,
-            deep,
-            max((runs_[i].settings.n_q for i in deep), default=0),
-            _max_top_k([runs_[i].settings for i in deep], text=False, vocab=self.model.shape.card),
-            decode,
+        decode = [i for i, r in enumerate(runs_) if r.step - self._max_delay >= self.delay_steps]
+        audio_span, pcm_np = gen.audio_step(
+            fed_span,
+            max((r.settings.n_q for r in deep), default=0),
+            _max_top_k([r.settings for r in deep], text=False, vocab=self.model.shape.card),
             [runs_[i].row for i in decode],
         )
-        audio_host = audio_np.tolist()
+        audio_host = audio_span[[r.row for r in runs_]].tolist()
         chunks: dict[int, AudioChunk] = {}
         for j, i in enumerate(decode):
             index = runs_[i].step - self._max_delay - self.delay_steps

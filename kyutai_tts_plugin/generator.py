@@ -1,28 +1,58 @@
-"""The generator: the device side of an engine step, for the slots the scheduler selects.
+"""The generator: the device side of an engine step, on fixed slots with static shapes.
 
-Everything a step needs lives on the device, in one row per slot: the caches (backbone KV, Mimi
-streaming state), the tokens of the previous step, the semantic tokens of the last steps, and every
-per-session setting (temperatures, top-k, n_q, padding bonus, RNG seed, summed conditions), written
-once when a session joins. A step makes at most two device->host transfers: the sampled text tokens
-(the DSM state machine runs on the host, like the reference's text hook), then one packed tensor
-with the audio tokens and the decoded PCM. Sampling uses a counter-based noise keyed by (seed,
-step, stream, vocabulary entry), so a seeded session draws the same tokens alone and in any batch.
+Everything a step needs lives on the device, in one row per slot: the caches (backbone KV, each
+slot's voice keys/values, Mimi streaming state), each slot's step counter, the tokens of its previous
+step, the semantic tokens of its last steps, and every per-session setting (temperatures, top-k, n_q,
+padding bonus, RNG seed, summed conditions), written once when a session joins.
+
+A step runs the first `span` slots, `span` taken from a few batch buckets (powers of two and
+`max_sessions`), whoever of them is really stepping: a row that waits (for words, for its reader) or
+is empty is computed and masked, never removed, as the reference's `exec_mask` does. Slots are handed
+out lowest first, so the span follows the number of sessions. The two halves of a step, backbone
+(+ text sampling) and depformer (+ audio sampling and the slots' bookkeeping), are pure tensor
+programs of static shape for a given (span, top-k bucket, n_q): `compile=True` compiles each with
+`torch.compile(fullgraph=True)`, with CUDA graphs on a CUDA device. Mimi decodes the rows due a frame
+in one eager call.
+
+A step makes at most two device->host transfers: the sampled text tokens (the DSM state machine runs
+on the host, like the reference's text hook), then one packed tensor with the audio tokens and the
+decoded PCM. Sampling uses a counter-based noise keyed by (seed, step, stream, vocabulary entry), so a
+seeded session draws the same tokens alone and in any batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import dsm
-from .lm import LMModel, LMState, Rows, backbone_step, depformer_step
+from .lm import LMModel, LMState, backbone_step, depformer_step
 from .mimi import MimiModel, MimiStreamingDecoder
 from .sampling import exponential_noise, sample, sample_with_noise, stream_keys, to_seed
 
-Cross = Sequence[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]
+# Compiled variants per half: batch buckets x top-k buckets x n_q values in use.
+COMPILE_VARIANTS = 64
+
+
+def batch_buckets(max_sessions: int) -> list[int]:
+    """The spans a step may run: powers of two below `max_sessions`, then `max_sessions`."""
+    out = [1]
+    while out[-1] * 2 < max_sessions:
+        out.append(out[-1] * 2)
+    return sorted({*out, max_sessions})
+
+
+def top_k_bucket(k: int, vocab: int) -> int:
+    """The static top-k a step sorts to: a power of two >= `k` (at most the vocabulary), so a few
+    compiled variants cover every mix of sessions; each row still keeps only its own top-k."""
+    b = 1
+    while b < k:
+        b *= 2
+    return min(b, vocab)
 
 
 @dataclass(frozen=True)
@@ -40,8 +70,7 @@ class SlotSettings:
 
 @dataclass
 class _Pending:
-    rows: Rows
-    steps: torch.Tensor
+    span: int
     hidden: torch.Tensor
     keys: torch.Tensor
 
@@ -50,7 +79,13 @@ class Generator:
     """Device state of `max_sessions` slots and the two halves of a step (text, then audio)."""
 
     def __init__(
-        self, model: LMModel, mimi: MimiModel, max_sessions: int, device: torch.device, delay_steps: int
+        self,
+        model: LMModel,
+        mimi: MimiModel,
+        max_sessions: int,
+        device: torch.device,
+        delay_steps: int,
+        compile: bool = False,
     ) -> None:
         shape = model.shape
         self.model = model
@@ -61,6 +96,8 @@ class Generator:
         self.text_vocab = shape.text_card
         self.audio_vocab = shape.card
         self.max_delay = max(shape.delays)
+        self.buckets = batch_buckets(max_sessions)
+        model.rope.freqs = model.rope.freqs.to(device)  # a constant of the step, not a per-step copy
         self.lm_state = LMState(model, max_sessions)
         self.decoder = MimiStreamingDecoder(mimi, max_sessions)
         f32 = {"dtype": torch.float32, "device": device}
@@ -73,6 +110,7 @@ class Generator:
         self.padding_bonus = torch.zeros(max_sessions, **f32)
         self.seed = torch.zeros(max_sessions, **i64)
         self.cond_sum = torch.zeros(max_sessions, shape.dim, **f32)
+        self.step = torch.zeros(max_sessions, **i64)  # each slot's own step index
         self.delays = torch.tensor(shape.delays, **i64)
         self.initial = torch.tensor([shape.text_card] + [shape.card] * shape.n_q, **i64)
         self.prev = self.initial.repeat(max_sessions, 1)  # the tokens written at each slot's last step
@@ -80,10 +118,54 @@ class Generator:
         # once its acoustic tokens exist, max_delay steps after its semantic token.
         self.history = torch.zeros(max_sessions, self.max_delay + 1, **i64)
         self.streams = torch.arange(1 + self.dep_q, **i64)  # 0: text; 1 + q: codebook q
+        self.vocab = torch.arange(self.audio_vocab, **i64)
         self._pending: _Pending | None = None
+        self._text: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = self._text_tensors
+        self._audio: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._audio_tensors
+        if compile:
+            self._compile()
 
-    def join(self, row: int, settings: SlotSettings, cond_sum: torch.Tensor) -> None:
-        """A session takes slot `row`: reset its caches and write its settings."""
+    def _compile(self) -> None:
+        dynamo: Any = torch._dynamo
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, max(getattr(dynamo.config, name), COMPILE_VARIANTS))
+        options: dict[str, Any] = {"fullgraph": True, "dynamic": False}
+        if self.device.type == "cuda":
+            # CUDA graphs replay into the state tensors in place: their addresses must not change.
+            for t in self._state_tensors():
+                dynamo.mark_static_address(t)
+            options["mode"] = "reduce-overhead"
+        self._text = torch.compile(self._text_tensors, **options)
+        self._audio = torch.compile(self._audio_tensors, **options)
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        st = self.lm_state
+        return [
+            st.k,
+            st.v,
+            st.cell_pos,
+            *(t for t in (st.cross_k, st.cross_v) if t is not None),
+            self.step,
+            self.prev,
+            self.history,
+        ]
+
+    def join(
+        self,
+        row: int,
+        settings: SlotSettings,
+        cond_sum: torch.Tensor,
+        cross: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """A session takes slot `row`: reset its caches, write its settings and its voice's
+        cross-attention keys/values (`cross`, per layer, for a model with speaker cross-attention)."""
+        fresh_cross = cross is not None and self.lm_state.cross_k is None
+        self.lm_state.reset(row, cross)
+        if fresh_cross and self.device.type == "cuda" and self._text is not self._text_tensors:
+            assert self.lm_state.cross_k is not None and self.lm_state.cross_v is not None
+            torch._dynamo.mark_static_address(self.lm_state.cross_k)
+            torch._dynamo.mark_static_address(self.lm_state.cross_v)
         self.temperature[row] = settings.temperature
         self.temperature_text[row] = settings.temperature_text
         self.top_k[row] = settings.top_k
@@ -92,96 +174,106 @@ class Generator:
         self.padding_bonus[row] = settings.padding_bonus
         self.seed[row] = to_seed(settings.seed)
         self.cond_sum[row] = cond_sum
-        self.lm_state.reset(row)
+        self.step[row] = 0
+        self.prev[row] = self.initial
         self.decoder.reset([row])
 
+    def span_for(self, rows: Iterable[int]) -> int:
+        """The smallest batch bucket holding every slot in `rows`."""
+        last = max(rows)
+        return next(b for b in self.buckets if b > last)
+
     @torch.no_grad()
-    def text_step(self, rows: Rows, steps: Sequence[int], cross: Cross, max_top_k_text: int) -> list[int]:
-        """Backbone step of `rows` at their `steps`; returns the sampled text tokens (host sync 1)."""
-        steps_t = torch.tensor(list(steps), dtype=torch.long, device=self.device)
-        tokens = torch.where(steps_t[:, None] <= self.delays[None], self.initial[None], rows.take(self.prev))
-        hidden, logits = backbone_step(
-            self.model, self.lm_state, rows, tokens, steps_t, cross=cross, cond_sum=rows.take(self.cond_sum)
-        )
-        logits = logits.clone()
-        logits[:, dsm.PAD] = (logits[:, dsm.PAD].float() + rows.take(self.padding_bonus)).to(logits.dtype)
-        keys = stream_keys(rows.take(self.seed), steps_t, self.streams)
-        sampled = sample(
-            logits, rows.take(self.temperature_text), rows.take(self.top_k_text), keys[:, 0], max_top_k_text
-        )
-        self._pending = _Pending(rows, steps_t, hidden, keys)
+    def text_step(self, span: int, max_top_k_text: int) -> list[int]:
+        """Backbone step of slots 0..span-1; returns their sampled text tokens (host sync 1).
+
+        Only the slots the caller then feeds in `audio_step` advance: for the others this step is
+        computed and forgotten.
+        """
+        hidden, keys, sampled = self._text(span, top_k_bucket(max_top_k_text, self.text_vocab))
+        self._pending = _Pending(span, hidden, keys)
         return sampled.tolist()
 
     @torch.no_grad()
     def audio_step(
-        self,
-        fed: Sequence[int],
-        deep: Sequence[int],
-        n_q: int,
-        max_top_k: int,
-        decode: Sequence[int],
-        decode_slots: Sequence[int],
+        self, fed: Sequence[int], n_q: int, max_top_k: int, decode: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Finish the step: depformer for the rows `deep` (indices into the step's rows) up to `n_q`
-        codebooks, Mimi decoding for the rows `decode` (slots `decode_slots`), in one call each.
+        """Finish the step. `fed`: per slot of the span, the text token the state machine fed, or -1
+        for a slot that does not advance. Runs the depformer on the span up to `n_q` codebooks (none
+        when 0), then Mimi on the slots `decode`, in one call each.
 
-        Returns (audio tokens [n, dep_q] int, -1 where none; pcm [len(decode), frame] float32), brought
-        to the host in one transfer (host sync 2; none when no row is deep).
+        Returns (audio tokens [span, dep_q] int, -1 where none; pcm [len(decode), frame] float32),
+        brought to the host in one transfer (host sync 2; none when `n_q` is 0).
         """
         pending = self._pending
         assert pending is not None, "text_step must come first"
         self._pending = None
-        rows, steps, hidden, keys = pending.rows, pending.steps, pending.hidden, pending.keys
-        n = len(rows)
-        dev = self.device
-        fed_t = torch.tensor(list(fed), dtype=torch.long, device=dev)
-        audio = torch.full((n, self.dep_q), -1, dtype=torch.long, device=dev)
-        pcm = torch.zeros(0, self.mimi.frame_size, dtype=torch.float32, device=dev)
-        if deep:
-            every = len(deep) == n
-            idx = None if every else torch.tensor(list(deep), dtype=torch.long, device=dev)
+        span = pending.span
+        if len(fed) != span:
+            raise ValueError(f"fed has {len(fed)} slots, the step spans {span}")
+        fed_t = torch.tensor(list(fed), dtype=torch.long).to(self.device, non_blocking=True)
+        k = top_k_bucket(max_top_k, self.audio_vocab)
+        audio, semantic = self._audio(span, n_q, k, pending.hidden, pending.keys, fed_t)
+        if n_q == 0:
+            return np.full((span, self.dep_q), -1, dtype=np.int32), np.zeros(
+                (0, self.mimi.frame_size), np.float32
+            )
+        pcm = torch.zeros(0, self.mimi.frame_size, dtype=torch.float32, device=self.device)
+        if decode:
+            di = torch.tensor(list(decode), dtype=torch.long).to(self.device, non_blocking=True)
+            # Codebooks past a row's n_q are -1: Mimi leaves them out (they add exactly zero).
+            codes = torch.cat([semantic[di, None], audio[di, 1 : max(n_q, 1)]], dim=1)[:, :, None]
+            pcm = self.decoder.decode_step(codes, list(decode)).clamp(-1, 1).float()
+        packed = torch.cat([audio.to(torch.int32).view(torch.float32).flatten(), pcm.flatten()])
+        host = packed.cpu().numpy()
+        split = span * self.dep_q
+        return host[:split].view(np.int32).reshape(span, self.dep_q), host[split:].reshape(
+            len(decode), self.mimi.frame_size
+        )
 
-            def pick(t: torch.Tensor) -> torch.Tensor:
-                return t if idx is None else t[idx]
+    # -- the two halves as pure tensor programs (compiled with compile=True) --------------------
 
-            temp, top_k = pick(rows.take(self.temperature)), pick(rows.take(self.top_k))
-            row_nq, row_keys, row_steps = pick(rows.take(self.n_q)), pick(keys), pick(steps)
+    def _text_tensors(self, span: int, k_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        step = self.step[:span]
+        prev = self.prev[:span]
+        tokens = torch.where(step[:, None] <= self.delays[None], self.initial[None], prev)
+        hidden, logits = backbone_step(self.model, self.lm_state, tokens, step, self.cond_sum[:span])
+        bonus = torch.zeros_like(logits, dtype=torch.float32)
+        bonus[:, dsm.PAD] = self.padding_bonus[:span]
+        logits = (logits.float() + bonus).to(logits.dtype)
+        keys = stream_keys(self.seed[:span], step, self.streams)
+        sampled = sample(logits, self.temperature_text[:span], self.top_k_text[:span], keys[:, 0], k_text)
+        return hidden, keys, sampled
 
-            # The noise of every codebook and vocabulary entry at once (a few ops, not a few per
-            # codebook); each codebook reads it at its top-k entries.
-            vocab = torch.arange(self.audio_vocab, dtype=torch.long, device=dev)
-            noise = exponential_noise(row_keys[:, 1 : 1 + n_q], vocab.expand(1, 1, -1))
+    def _audio_tensors(
+        self, span: int, n_q: int, k_audio: int, hidden: torch.Tensor, keys: torch.Tensor, fed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        active = fed >= 0
+        step = self.step[:span]
+        audio = torch.full((span, self.dep_q), -1, dtype=torch.long, device=fed.device)
+        if n_q > 0:
+            temp, top_k, row_nq = self.temperature[:span], self.top_k[:span], self.n_q[:span]
+            # The noise of every codebook and vocabulary entry at once; each codebook reads it at
+            # its top-k entries.
+            noise = exponential_noise(keys[:, 1 : 1 + n_q], self.vocab.expand(1, 1, -1))
 
             def choose(q: int, logits: torch.Tensor) -> torch.Tensor:
                 tok = sample_with_noise(
-                    logits, temp, top_k, lambda entries: noise[:, q].gather(-1, entries), max_top_k
+                    logits, temp, top_k, lambda entries: noise[:, q].gather(-1, entries), k_audio
                 )
                 return torch.where(row_nq > q, tok, torch.full_like(tok, -1))  # past the row's n_q: none
 
-            codes = depformer_step(self.model, pick(hidden), pick(fed_t), n_q, choose)
+            codes = depformer_step(self.model, hidden, fed.clamp(min=0), n_q, choose)
             # The acoustic codebooks are delayed: their first steps are not audio yet.
-            keep = row_steps[:, None] >= self.delays[1 : 1 + n_q][None] + self.delay_steps
+            keep = step[:, None] >= self.delays[1 : 1 + n_q][None] + self.delay_steps
             codes = torch.where(keep, codes, torch.full_like(codes, -1))
-            if idx is None:
-                audio[:, :n_q] = codes
-            else:
-                audio[idx, :n_q] = codes
-        self.prev[rows.index] = torch.cat([fed_t[:, None], audio], dim=1)
+            audio = torch.cat([codes, audio[:, n_q:]], dim=1)
+        written = torch.cat([fed[:, None], audio], dim=1)
+        self.prev[:span] = torch.where(active[:, None], written, self.prev[:span])
+        rows = torch.arange(span, device=fed.device)
         cells = self.history.shape[1]
-        self.history[rows.index, steps % cells] = audio[:, 0]
-        if decode:
-            di = torch.tensor(list(decode), dtype=torch.long, device=dev)
-            semantic = self.history[rows.index[di], (steps[di] - self.max_delay) % cells]
-            # Codebooks past a row's n_q are -1: Mimi leaves them out (they add exactly zero).
-            codes = torch.cat([semantic[:, None], audio[di, 1 : max(n_q, 1)]], dim=1)[:, :, None]
-            pcm = self.decoder.decode_step(codes, list(decode_slots)).clamp(-1, 1).float()
-        if not deep:
-            return np.full((n, self.dep_q), -1, dtype=np.int32), np.zeros(
-                (0, self.mimi.frame_size), np.float32
-            )
-        packed = torch.cat([audio.to(torch.int32).view(torch.float32).flatten(), pcm.flatten()])
-        host = packed.cpu().numpy()
-        split = n * self.dep_q
-        return host[:split].view(np.int32).reshape(n, self.dep_q), host[split:].reshape(
-            len(decode), self.mimi.frame_size
-        )
+        cell = step % cells
+        self.history[rows, cell] = torch.where(active, audio[:, 0], self.history[rows, cell])
+        semantic = self.history[rows, (step - self.max_delay) % cells]
+        self.step[:span] = step + active.long()
+        return audio, semantic

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidInputError
 
 ZERO_TOKEN = -1  # embeds to exactly zero in every table
 
@@ -142,10 +142,7 @@ class RopeTable:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [n, H, T, D]; positions: [n, T]
-        if self.freqs.device != x.device:
-            self.freqs = self.freqs.to(x.device)
-        freqs = self.freqs
-        angles = positions.to(torch.float32)[:, None, :, None] * freqs
+        angles = positions.to(torch.float32)[:, None, :, None] * self.freqs.to(x.device)
         cos, sin = torch.cos(angles), torch.sin(angles)
         xr, xi = x.unflatten(-1, (-1, 2)).float().unbind(-1)
         out = torch.stack([(xr * cos - xi * sin).to(x.dtype), (xr * sin + xi * cos).to(x.dtype)], dim=-1)
@@ -174,28 +171,6 @@ def split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     n, h, t, d = x.shape
     return x.transpose(1, 2).reshape(n, t, h * d)
-
-
-@dataclass
-class Rows:
-    """The slots taking part in a step: an index tensor, plus a slice when they are contiguous
-    (a slice gives views of the caches instead of copies)."""
-
-    index: torch.Tensor
-    span: slice | None
-
-    @staticmethod
-    def of(rows: Sequence[int], device: torch.device) -> Rows:
-        rows = list(rows)
-        contiguous = bool(rows) and rows == list(range(rows[0], rows[0] + len(rows)))
-        span = slice(rows[0], rows[0] + len(rows)) if contiguous else None
-        return Rows(torch.tensor(rows, dtype=torch.long, device=device), span)
-
-    def take(self, t: torch.Tensor) -> torch.Tensor:
-        return t[self.span] if self.span is not None else t[self.index]
-
-    def __len__(self) -> int:
-        return int(self.index.numel())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,39 +448,61 @@ def _lut_condition(module: nn.Module, c: Mapping[str, Any], value: str | None) -
 
 
 class LMState:
-    """Per-slot KV caches for the backbone (ring buffers of `context` positions)."""
+    """Per-slot caches of the backbone: self-attention KV (ring buffers of `context` positions) and,
+    for a model with speaker cross-attention, each slot's voice keys/values (copied in when a session
+    joins, as the reference keeps one cross-attention memory per batch row), so a step over the
+    first n slots is a fixed-shape computation on views of these tensors."""
 
     def __init__(self, model: LMModel, batch_size: int) -> None:
         s = model.shape
         dev, dt = model._device, model._dtype
         head = s.dim // s.num_heads
+        self.batch_size = batch_size
         self.k = torch.zeros(s.num_layers, batch_size, s.num_heads, s.context, head, device=dev, dtype=dt)
         self.v = torch.zeros_like(self.k)
         # Absolute position held in each cache cell; -1 = empty. Shared by all layers.
         self.cell_pos = torch.full((batch_size, s.context), -1, dtype=torch.long, device=dev)
+        # [layers, batch, H, M, D] each, allocated at the first voice (M depends on the voices).
+        self.cross_k: torch.Tensor | None = None
+        self.cross_v: torch.Tensor | None = None
 
-    def reset(self, row: int) -> None:
+    def reset(self, row: int, cross: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Empty `row`'s caches for a new session; `cross`: its voice's per-layer (keys, values) [H, M, D]."""
         self.cell_pos[row] = -1
+        if cross is None:
+            return
+        keys = torch.stack([k for k, _ in cross])
+        values = torch.stack([v for _, v in cross])
+        if self.cross_k is None:
+            shape = (keys.shape[0], self.batch_size, *keys.shape[1:])
+            self.cross_k = keys.new_zeros(shape)
+            self.cross_v = values.new_zeros(shape)
+        assert self.cross_v is not None
+        if keys.shape[1:] != self.cross_k.shape[2:]:
+            raise InvalidInputError(
+                f"this voice's speaker memory has shape {list(keys.shape[1:])}, the other voices' "
+                f"{list(self.cross_k.shape[2:])}: use voice files made for this model"
+            )
+        self.cross_k[:, row] = keys
+        self.cross_v[:, row] = values
 
 
-@torch.no_grad()
 def backbone_step(
     model: LMModel,
     state: LMState,
-    rows: Rows,
     tokens: torch.Tensor,
     positions: torch.Tensor,
     cond_sum: torch.Tensor,
-    cross: Sequence[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One time step of the backbone for `rows`.
+    """One time step of the backbone for the first n = len(tokens) slots.
 
-    tokens: [n, 1 + n_q] input tokens; positions: [n] absolute step of each row; cond_sum: [n, dim];
-    cross: per voice group, (that voice's per-layer (k, v), indices into the n rows using it).
+    tokens: [n, 1 + n_q] input tokens; positions: [n] absolute step of each row; cond_sum: [n, dim].
+    Every row is computed; a row that is not really stepping (masked by the caller) only writes the
+    cache cell of `positions`, which its next real step at that position overwrites.
     Returns (hidden [n, dim] after out_norm, text logits [n, text_card]).
     """
     s = model.shape
-    n = len(rows)
+    n = tokens.shape[0]
     x: torch.Tensor | None = None
     for k in range(s.n_q):
         e = model.emb[k](tokens[:, 1 + k])
@@ -514,9 +511,10 @@ def backbone_step(
     x = t if x is None else x + t
     x = (x + cond_sum.to(x)).view(n, 1, s.dim)
 
+    rows = torch.arange(n, device=tokens.device)
     cell = positions % s.context
-    state.cell_pos[rows.index, cell] = positions
-    cell_pos = rows.take(state.cell_pos)
+    state.cell_pos[rows, cell] = positions
+    cell_pos = state.cell_pos[:n]
     delta = positions[:, None] - cell_pos
     mask = ((cell_pos >= 0) & (delta >= 0) & (delta < s.context))[:, None, None, :]
     pos_q = positions[:, None]
@@ -525,21 +523,17 @@ def backbone_step(
         h = layer.norm1(x)
         q, k, v = split_heads(apply_weight(h, layer.self_attn.w_in()), 3, s.num_heads)
         q, k = model.rope(q, pos_q), model.rope(k, pos_q)
-        state.k[li][rows.index, :, cell] = k[:, :, 0]
-        state.v[li][rows.index, :, cell] = v[:, :, 0]
-        keys, values = rows.take(state.k[li]), rows.take(state.v[li])
-        a = attention(q, keys, values, mask)
+        state.k[li, rows, :, cell] = k[:, :, 0]
+        state.v[li, rows, :, cell] = v[:, :, 0]
+        a = attention(q, state.k[li, :n], state.v[li, :n], mask)
         x = x + apply_weight(merge_heads(a), layer.self_attn.w_out())
         if layer.cross_attention is not None:
+            assert state.cross_k is not None and state.cross_v is not None, "no voice joined"
             h = layer.norm_cross(x)
             ca = layer.cross_attention
             q = split_heads(apply_weight(h, ca.w_q()), 1, s.num_heads)[0]
-            out = torch.empty_like(q)
-            for kv, members in cross:
-                ck, cv = kv[li]
-                qg = q[members]
-                out[members] = attention(qg, ck.expand(len(qg), -1, -1, -1), cv.expand(len(qg), -1, -1, -1))
-            x = x + apply_weight(merge_heads(out), ca.w_out())
+            a = attention(q, state.cross_k[li, :n], state.cross_v[li, :n])
+            x = x + apply_weight(merge_heads(a), ca.w_out())
         x = x + layer.gating(layer.norm2(x))
     h = model.out_norm(x)[:, 0]
     return h, model.text_linear(h)
