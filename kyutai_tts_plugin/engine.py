@@ -105,7 +105,72 @@ StepObserver = Callable[[EngineStep], None]
 
 
 class StreamingSession:
-    """One streamed utterance. See `kyutai_tts_plugin.types.TTSSession` for the contract."""
+    """One streamed utterance. See `kyutai_tts_plugin.types.TTSSession` for the contract.
+
+    What the caller holds: the engine keeps only the session's state (`_Session`), so a session
+    dropped without flush or cancel is garbage-collected and its slot is freed (nobody can read it).
+    """
+
+    def __init__(self, engine: TTSEngine, options: SessionOptions, voices: list[str]) -> None:
+        self._core = core = _Session(engine, options, voices)
+        # Not `core.cancel`: a finalizer may run inside the garbage collector on any thread, even one
+        # holding the engine's or the session's lock. It only marks the state; the worker frees the slot.
+        finalizer = weakref.finalize(self, _abandon, core)
+        finalizer.atexit = False
+
+    @property
+    def id(self) -> str:
+        return self._core.id
+
+    @property
+    def options(self) -> SessionOptions:
+        return self._core.options
+
+    @property
+    def words(self) -> list[str]:
+        """The whole words received so far (a word is complete once whitespace follows it)."""
+        return self._core.words
+
+    @property
+    def is_finished(self) -> bool:
+        return self._core.is_finished
+
+    def push_text(self, fragment: str) -> None:
+        """Append raw text, split anywhere (LLM token fragments)."""
+        self._core.push_text(fragment)
+
+    def next_turn(self) -> None:
+        """Dialog: the text pushed from now on is spoken by the other speaker."""
+        self._core.next_turn()
+
+    def flush(self) -> None:
+        """The text is complete: speak the rest (without clipping the last word), then end."""
+        self._core.flush()
+
+    def cancel(self) -> None:
+        """Stop now. Pending audio is dropped, the stream ends and the slot is freed within one step."""
+        self._core.cancel()
+
+    def __iter__(self) -> Iterator[SessionEvent]:
+        yield from self._core  # a generator of the handle: iterating keeps the session alive
+
+    async def __aiter__(self) -> AsyncIterator[SessionEvent]:  # type: ignore[override]
+        async for event in self._core:
+            yield event
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_core":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self._core, name)  # the state's internals, for the engine's tests
+
+
+def _abandon(core: _Session) -> None:
+    if not core._finished:
+        core._cancelled = True
+
+
+class _Session:
+    """The engine's side of a session (see `StreamingSession`, which callers hold)."""
 
     _ids = itertools.count()
 
@@ -526,7 +591,8 @@ class TTSEngine:
             # with close matches. A Hub voice is resolved by the loader; its iterator raises then.
             for v in voices:
                 self.voices.resolve(v)
-        session = StreamingSession(self, options, voices)
+        handle = StreamingSession(self, options, voices)
+        session = handle._core
         session._voice_ready = tuple(voices) in self._cross_cache
         with self._cv:
             self._check_usable()
@@ -541,7 +607,7 @@ class TTSEngine:
             if not session._voice_ready:
                 self._loader.submit(self._load_voices, session)
             self._cv.notify_all()
-        return session
+        return handle
 
     def synthesize(
         self,
@@ -688,8 +754,8 @@ class TTSEngine:
     def _poll_s(self) -> float | None:
         if self._waiting or self.max_buffered_frames:
             return 0.05
-        limits = self.idle_timeout_s is not None or self.max_session_s is not None
-        return TIMEOUT_POLL_S if limits and any(s is not None for s in self._slots) else None
+        # Occupied slots are looked at every second: idle and over-long sessions, abandoned ones.
+        return TIMEOUT_POLL_S if any(s is not None for s in self._slots) else None
 
     def _failed(self, sessions: list[StreamingSession], exc: BaseException) -> None:
         """A step (or join) failed: end its sessions; after several in a row, the engine is unhealthy."""
@@ -728,7 +794,6 @@ class TTSEngine:
             if s is not None and (s._cancelled or s._finished):
                 self._release(s)
         still: deque[StreamingSession] = deque()
-        admitted = False
         for s in list(self._waiting):
             if s._cancelled or s._finished:
                 continue
@@ -745,7 +810,6 @@ class TTSEngine:
                     still.append(s)
                 continue
             self._slots[free] = s
-            admitted = True
             try:
                 s.run = self._start_run(s, free)
             except Exception as exc:  # confined to this session (a device error counts towards health)
@@ -755,8 +819,7 @@ class TTSEngine:
                 if not self.healthy:
                     return  # every session has ended
         self._waiting = still
-        if admitted:
-            self._cv.notify_all()  # for whoever waits on a session taking its slot (tests, monitors)
+        self._cv.notify_all()  # for whoever waits on sessions joining or leaving (tests, monitors)
         for s in self._slots:
             if s is not None and s.run is not None:
                 self._take_inbox(s)

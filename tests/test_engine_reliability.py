@@ -6,6 +6,7 @@ the test; the only waits are HANG_GUARD_S guards, reached only when a test fails
 
 from __future__ import annotations
 
+import gc
 import shutil
 import threading
 from collections.abc import Callable
@@ -262,6 +263,21 @@ def test_idle_sessions_holding_a_slot_are_ended(tiny_checkpoint: Path):
         assert engine.active_sessions == 1 and not busy.is_finished
         busy.flush()
         assert outcome(busy)[1] is None
+    finally:
+        engine.close()
+
+
+def test_a_session_dropped_without_flush_or_cancel_frees_its_slot(tiny_checkpoint: Path):
+    engine = make_engine(tiny_checkpoint, max_sessions=1, idle_timeout_s=None)
+    try:
+        dropped = engine.open_session(GREEDY)
+        dropped.push_text("words that nobody will ever hear")
+        state = dropped._core  # the engine's side, which the engine holds anyway
+        wait_until(engine, lambda: state.run is not None, "the session takes the only slot")
+        del dropped
+        gc.collect()
+        wait_until(engine, lambda: engine.active_sessions == 0, "the dropped session's slot is freed")
+        assert len(engine.synthesize("the next session gets the slot", GREEDY).pcm) > 0
     finally:
         engine.close()
 
