@@ -377,6 +377,8 @@ class _Session:
         with self._cv:
             if self._cancelled or self._finished:
                 return
+            # Audio being made counts as progress: a reader waiting for it is not idle.
+            self._active_at = self._engine._timeout_clock()
             self._events.extend(events)
             self._notify()
 
@@ -810,6 +812,7 @@ class TTSEngine:
                     still.append(s)
                 continue
             self._slots[free] = s
+            s._active_at = self._timeout_clock()  # time spent queued is not idleness
             try:
                 s.run = self._start_run(s, free)
             except Exception as exc:  # confined to this session (a device error counts towards health)
