@@ -19,6 +19,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,13 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .errors import (
+    CheckpointError,
     EngineFailure,
     EngineFullError,
     EngineTimeoutError,
     InvalidInputError,
     SessionClosedError,
+    VoiceNotFoundError,
 )
 from .generator import Generator, SlotSettings
 from .hardware import resolve_device, resolve_dtype
@@ -62,6 +65,11 @@ logger = logging.getLogger(__name__)
 
 REAL_TIME_CHECK_STEPS = 25  # 2 s of steps: enough to tell a slow engine from one slow step
 FINAL_PADDING = 4  # steps generated after the end of speech, as in the reference
+# Consecutive failed engine steps (or slot joins) after which the engine calls itself unhealthy: one
+# failure may be a session's own doing, a run of them with nothing succeeding between is the device.
+MAX_CONSECUTIVE_FAILURES = 3
+TIMEOUT_POLL_S = 1.0  # how often an idle worker looks for idle / over-long sessions
+CLOSED_MESSAGE = "the engine is closed; create a new TTSEngine"
 
 
 @dataclass
@@ -97,7 +105,72 @@ StepObserver = Callable[[EngineStep], None]
 
 
 class StreamingSession:
-    """One streamed utterance. See `kyutai_tts_plugin.types.TTSSession` for the contract."""
+    """One streamed utterance. See `kyutai_tts_plugin.types.TTSSession` for the contract.
+
+    What the caller holds: the engine keeps only the session's state (`_Session`), so a session
+    dropped without flush or cancel is garbage-collected and its slot is freed (nobody can read it).
+    """
+
+    def __init__(self, engine: TTSEngine, options: SessionOptions, voices: list[str]) -> None:
+        self._core = core = _Session(engine, options, voices)
+        # Not `core.cancel`: a finalizer may run inside the garbage collector on any thread, even one
+        # holding the engine's or the session's lock. It only marks the state; the worker frees the slot.
+        finalizer = weakref.finalize(self, _abandon, core)
+        finalizer.atexit = False
+
+    @property
+    def id(self) -> str:
+        return self._core.id
+
+    @property
+    def options(self) -> SessionOptions:
+        return self._core.options
+
+    @property
+    def words(self) -> list[str]:
+        """The whole words received so far (a word is complete once whitespace follows it)."""
+        return self._core.words
+
+    @property
+    def is_finished(self) -> bool:
+        return self._core.is_finished
+
+    def push_text(self, fragment: str) -> None:
+        """Append raw text, split anywhere (LLM token fragments)."""
+        self._core.push_text(fragment)
+
+    def next_turn(self) -> None:
+        """Dialog: the text pushed from now on is spoken by the other speaker."""
+        self._core.next_turn()
+
+    def flush(self) -> None:
+        """The text is complete: speak the rest (without clipping the last word), then end."""
+        self._core.flush()
+
+    def cancel(self) -> None:
+        """Stop now. Pending audio is dropped, the stream ends and the slot is freed within one step."""
+        self._core.cancel()
+
+    def __iter__(self) -> Iterator[SessionEvent]:
+        yield from self._core  # a generator of the handle: iterating keeps the session alive
+
+    async def __aiter__(self) -> AsyncIterator[SessionEvent]:  # type: ignore[override]
+        async for event in self._core:
+            yield event
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_core":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self._core, name)  # the state's internals, for the engine's tests
+
+
+def _abandon(core: _Session) -> None:
+    if not core._finished:
+        core._cancelled = True
+
+
+class _Session:
+    """The engine's side of a session (see `StreamingSession`, which callers hold)."""
 
     _ids = itertools.count()
 
@@ -120,6 +193,14 @@ class StreamingSession:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.queued_at = time.monotonic()
         self.run: _SlotRun | None = None
+        # Pushes chunk and tokenize under this lock, not the engine's, so one session's large input
+        # never stops the worker; it keeps one session's pushes in order.
+        self._push_lock = threading.Lock()
+        self._pause_s = 0.0  # total of the session's break tags (capped by engine.max_pause_s)
+        self._voice_ready = False  # its voice's cross-attention keys/values are in the engine cache
+        now = engine._timeout_clock()
+        self._opened_at = now  # for engine.max_session_s
+        self._active_at = now  # last push, flush or read: for engine.idle_timeout_s
 
     # -- the public contract ------------------------------------------------------------------
 
@@ -141,28 +222,32 @@ class StreamingSession:
         """Append raw text, split anywhere (LLM token fragments)."""
         if not isinstance(fragment, str):
             raise InvalidInputError(f"push_text expects a str, got {type(fragment).__name__}")
-        with self._engine._cv:
+        self._engine._check_usable()
+        with self._push_lock:
             self._check_open("push_text")
-            self._add_units(self._chunker.push(fragment))
-            self._engine._cv.notify_all()
+            self._active_at = self._engine._timeout_clock()
+            self._deliver(self._tokenize(self._chunker.push(fragment)))
 
     def next_turn(self) -> None:
         """Dialog: the text pushed from now on is spoken by the other speaker."""
-        with self._engine._cv:
+        self._engine._check_usable()
+        with self._push_lock:
             self._check_open("next_turn")
-            self._add_units(self._chunker.finish())
+            self._active_at = self._engine._timeout_clock()
+            units = self._tokenize(self._chunker.finish())
             self._chunker = WordChunker()
             self._turn += 1
             self._turn_has_word = False
+            self._deliver(units)
 
     def flush(self) -> None:
         """The text is complete: speak the rest (without clipping the last word), then end."""
-        with self._engine._cv:
-            if self._cancelled or self._flushed:
+        self._engine._check_usable()
+        with self._push_lock:
+            if self._cancelled or self._flushed or self._finished:
                 return
-            self._add_units(self._chunker.finish())
-            self._flushed = True
-            self._engine._cv.notify_all()
+            self._active_at = self._engine._timeout_clock()
+            self._deliver(self._tokenize(self._chunker.finish()), flush=True)
 
     def cancel(self) -> None:
         """Stop now. Pending audio is dropped, the stream ends and the slot is freed within one step."""
@@ -184,6 +269,7 @@ class StreamingSession:
                     self._cv.wait()
                 if self._events:
                     event = self._events.popleft()
+                    self._active_at = self._engine._timeout_clock()
                 else:
                     break
             self._engine._wake()
@@ -197,6 +283,7 @@ class StreamingSession:
             with self._cv:
                 if self._events:
                     event: SessionEvent | None = self._events.popleft()
+                    self._active_at = self._engine._timeout_clock()
                 elif self._finished:
                     event = None
                 else:
@@ -224,38 +311,74 @@ class StreamingSession:
             raise SessionClosedError(
                 f"{what}: session {self._id} was flushed; open a new session for new text"
             )
+        if self._finished:
+            raise SessionClosedError(
+                f"{what}: session {self._id} has ended ({self._error}); open a new session for new text"
+            )
 
-    def _add_units(self, units: Sequence[RawWord]) -> None:
+    def _tokenize(self, units: Sequence[RawWord]) -> list[tuple[dsm.Entry | None, str, str | None]]:
+        """(entry or None for text-only, raw text, spoken word or None) per unit; no engine lock held."""
         engine = self._engine
+        out: list[tuple[dsm.Entry | None, str, str | None]] = []
         for unit in units:
             if unit.break_s is not None:
+                self._pause_s += unit.break_s
+                if self._pause_s > engine.max_pause_s:
+                    error = InvalidInputError(
+                        f"the pauses of session {self._id} add up to more than {engine.max_pause_s:g} s "
+                        "(the engine's max_pause_s); the session was ended: open a new one with fewer "
+                        "or shorter <break> tags"
+                    )
+                    self._abort(error)
+                    raise error
                 steps = int(round(unit.break_s * engine.frame_rate))
-                self._inbox.append((dsm.Entry((), "", steps), unit.text))
+                out.append((dsm.Entry((), "", steps), unit.text, None))
                 continue
             pieces = normalize_word_text(unit.word).split()
             raw = unit.text
             if not pieces:
-                self._inbox.append((None, raw))
+                out.append((None, raw, None))
             for piece in pieces:
                 tokens = engine.tokenizer.encode_word(piece)
                 if not tokens:
-                    self._inbox.append((None, raw))  # nothing speakable: keep the text for timings
+                    out.append((None, raw, None))  # nothing speakable: keep the text for timings
                 else:
                     if engine.multi_speaker and not self._turn_has_word:
                         marker = dsm.MAIN_SPEAKER if self._turn % 2 == 0 else dsm.OTHER_SPEAKER
                         tokens = [marker, *tokens]
                     self._turn_has_word = True
                     padding = max(0, engine.padding_between + len(tokens) - 1)
-                    self._inbox.append((dsm.Entry(tuple(tokens), piece, padding), raw))
-                    self._words.append(piece)
+                    out.append((dsm.Entry(tuple(tokens), piece, padding), raw, piece))
                 raw = ""
+        return out
+
+    def _deliver(self, units: list[tuple[dsm.Entry | None, str, str | None]], flush: bool = False) -> None:
+        """Hand tokenized units to the worker: the only part of a push under the engine lock."""
+        engine = self._engine
+        with engine._cv:
+            if self._cancelled or self._finished:
+                return  # cancelled or ended by another thread meanwhile: the text has nowhere to go
+            self._inbox.extend((entry, raw) for entry, raw, _ in units)
+            self._words.extend(word for _, _, word in units if word is not None)
+            if flush:
+                self._flushed = True
+            engine._cv.notify_all()
+
+    def _abort(self, error: BaseException) -> None:
+        """End this session with `error` and free its slot (events already made are still read)."""
+        with self._engine._cv:
+            self._engine._release(self)
+            self._engine._cv.notify_all()
+        self._end(error)
 
     def _emit(self, events: Sequence[SessionEvent]) -> None:
         if not events:
             return
         with self._cv:
-            if self._cancelled:
+            if self._cancelled or self._finished:
                 return
+            # Audio being made counts as progress: a reader waiting for it is not idle.
+            self._active_at = self._engine._timeout_clock()
             self._events.extend(events)
             self._notify()
 
@@ -322,10 +445,20 @@ class TTSEngine:
         max_buffered_s: float | None = None,
         interleave_text_only: int = 2,
         max_speakers: int = 5,
+        idle_timeout_s: float | None = 60.0,
+        max_session_s: float | None = 900.0,
+        max_pause_s: float = 60.0,
         compile: bool = False,
     ) -> None:
         if max_sessions < 1:
             raise InvalidInputError("max_sessions must be at least 1")
+        for name, value in (("idle_timeout_s", idle_timeout_s), ("max_session_s", max_session_s)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise InvalidInputError(
+                    f"{name}={value!r}: use a number of seconds > 0, or None for no limit"
+                )
+        if not (isinstance(max_pause_s, (int, float)) and max_pause_s >= 0):
+            raise InvalidInputError(f"max_pause_s={max_pause_s!r}: use a number of seconds >= 0")
         self.model = model
         self.mimi = mimi
         self.tokenizer = tokenizer
@@ -339,6 +472,9 @@ class TTSEngine:
             None if max_buffered_s is None else max(1, int(max_buffered_s / FRAME_DURATION_S))
         )
         self.interleave_text_only = interleave_text_only
+        self.idle_timeout_s = idle_timeout_s
+        self.max_session_s = max_session_s
+        self.max_pause_s = float(max_pause_s)
         self.max_speakers = max_speakers
         self.frame_rate = mimi.frame_rate
         self.delay_steps = int(float(tts_config.get("audio_delay", 1.28)) * self.frame_rate)
@@ -356,8 +492,17 @@ class TTSEngine:
         self._slots: list[StreamingSession | None] = [None] * max_sessions
         self._waiting: deque[StreamingSession] = deque()
         self._closed = False
+        self.healthy = True  # False once steps keep failing (a device error): see health_error
+        self.health_error: str | None = None
+        self._failures = 0  # consecutive failed steps / joins
         self._observers: list[StepObserver] = []
         self._clock: Callable[[], float] = time.perf_counter  # tests drive it
+        # Idle and duration limits read their own clock: `_clock` times steps, and tests that drive it
+        # count its calls per step.
+        self._timeout_clock: Callable[[], float] = time.monotonic
+        # Voices are resolved (maybe downloaded) and loaded here, never on the caller's thread nor
+        # on the worker, so neither open_session nor other sessions' steps wait for them.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kyutai-tts-voices")
         self._step_index = 0
         self._worker = threading.Thread(target=self._loop, name="kyutai-tts-engine", daemon=True)
         self._worker.start()
@@ -440,15 +585,20 @@ class TTSEngine:
         """Open a streaming session; never blocks. See `SessionOptions` for the settings."""
         options = replace(options or SessionOptions(), **overrides)
         self._validate(options)
+        self._check_usable()
         voices = [options.voice or self.default_voice]
         if options.other_voice is not None:
             voices.append(options.other_voice)
-        for v in voices:
-            self.voices.resolve(v)  # raises VoiceNotFoundError with close matches
-        session = StreamingSession(self, options, voices)
+        if self.voices.directory is not None:
+            # A local directory is a file check (no network): an unknown voice is refused at once,
+            # with close matches. A Hub voice is resolved by the loader; its iterator raises then.
+            for v in voices:
+                self.voices.resolve(v)
+        handle = StreamingSession(self, options, voices)
+        session = handle._core
+        session._voice_ready = tuple(voices) in self._cross_cache
         with self._cv:
-            if self._closed:
-                raise EngineFailure("the engine is closed; create a new TTSEngine")
+            self._check_usable()
             # Admission is asynchronous (the worker moves sessions into slots), so count both.
             taken = sum(s is not None for s in self._slots) + len(self._waiting)
             if taken >= self.max_sessions + self.max_waiting:
@@ -457,8 +607,10 @@ class TTSEngine:
                     "waiting; retry later, or raise max_sessions / max_waiting when creating the engine"
                 )
             self._waiting.append(session)
+            if not session._voice_ready:
+                self._loader.submit(self._load_voices, session)
             self._cv.notify_all()
-        return session
+        return handle
 
     def synthesize(
         self,
@@ -468,29 +620,39 @@ class TTSEngine:
     ) -> Synthesis:
         """Whole text in, whole audio and word timings out (blocks until done)."""
         session = self.open_session(options)
-        session.push_text(text)
-        session.flush()
-        return _collect(session, on_chunk)
+        try:
+            session.push_text(text)
+            session.flush()
+            return _collect(session, on_chunk)
+        finally:
+            session.cancel()  # frees the slot if anything above raised; nothing once it has ended
 
     def synthesize_dialog(self, turns: Sequence[str], options: SessionOptions | None = None) -> Synthesis:
         """Two-speaker dialog: turns alternate between `options.voice` and `options.other_voice`."""
         session = self.open_session(options)
-        for i, turn in enumerate(turns):
-            if i:
-                session.next_turn()
-            session.push_text(turn)
-        session.flush()
-        return _collect(session, None)
+        try:
+            for i, turn in enumerate(turns):
+                if i:
+                    session.next_turn()
+                session.push_text(turn)
+            session.flush()
+            return _collect(session, None)
+        finally:
+            session.cancel()  # frees the slot if anything above raised; nothing once it has ended
 
     def close(self) -> None:
         """Stop the worker thread; open sessions end with `EngineFailure`. Idempotent."""
         with self._cv:
             self._closed = True
             sessions = [s for s in self._slots if s is not None] + list(self._waiting)
+            self._slots = [None] * self.max_sessions
+            self._waiting.clear()
             self._cv.notify_all()
+        self._loader.shutdown(wait=False, cancel_futures=True)
         for s in sessions:
             s._end(EngineFailure("the engine was closed"))
-        self._worker.join(timeout=10)
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout=10)
 
     def add_step_observer(self, observer: StepObserver) -> Callable[[], None]:
         """Call `observer` on the worker thread after every engine step; returns a function that removes it.
@@ -514,6 +676,58 @@ class TTSEngine:
         bounds = {"n_q_max": shape.dep_q, "audio_vocab": shape.card, "text_vocab": shape.text_card}
         o.validate(cfg_values=self.model.cfg_values(), **bounds)
 
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise EngineFailure(CLOSED_MESSAGE)
+        if not self.healthy:
+            raise EngineFailure(
+                f"the engine is unhealthy: its steps keep failing ({self.health_error}); check the device "
+                "and create a new TTSEngine (restart the server)"
+            )
+
+    def _notify_worker(self) -> None:
+        """Make the worker look at its sessions now (tests call it after moving `_timeout_clock`)."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def _load_voices(self, s: StreamingSession) -> None:
+        """Loader thread: the session's voice keys/values into the cache, then it may take a slot."""
+        key = tuple(s._voices)
+        try:
+            if s._cancelled or s._finished:
+                return
+            with torch.no_grad():
+                self._prepare_voice(key)
+        except Exception as exc:  # this session's voice only: it alone ends
+            if not isinstance(exc, (VoiceNotFoundError, EngineFailure)):
+                logger.exception("loading voice %r failed", key)
+                exc = EngineFailure(f"voice {', '.join(key)!r} could not be loaded ({type(exc).__name__})")
+            s._abort(exc)
+            return
+        with self._cv:
+            s._voice_ready = True
+            self._cv.notify_all()
+
+    def _prepare_voice(self, key: tuple[str, ...]) -> None:
+        if key in self._cross_cache:
+            return
+        dim = self.model.shape.conditioners["speaker_wavs"]["tensor"]["dim"]
+        embeddings = []
+        for name in key:
+            path = self.voices.resolve(name)  # VoiceNotFoundError with close matches
+            try:
+                embeddings.append(load_voice_embedding(path, dim))
+            except (CheckpointError, OSError) as exc:
+                # The message says the voice's name, not the file's path (a server's paths are private);
+                # the log has both.
+                logger.warning("voice %r cannot be loaded from %s: %s", name, path, exc)
+                raise EngineFailure(
+                    f"voice {name!r} cannot be loaded: its file is truncated, unreadable or made for another "
+                    "model; choose another voice, or re-download this one (the engine's log names the file)"
+                ) from None
+        memory = self.model.speaker_memory(embeddings, self.max_speakers)
+        self._cross_cache[key] = self.model.cross_kv(memory)
+
     def _wake(self) -> None:
         if self.max_buffered_frames is not None:
             with self._cv:
@@ -524,23 +738,53 @@ class TTSEngine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            with self._cv:
-                if self._closed:
-                    return
-                self._admit()
-                ready = [s for s in self._slots if s is not None and self._ready(s)]
-                if not ready:
-                    self._cv.wait(timeout=0.05 if self._waiting or self.max_buffered_frames else None)
-                    continue
+            ready: list[StreamingSession] = []
             try:
+                with self._cv:
+                    if self._closed:
+                        return
+                    self._admit()
+                    ready = [s for s in self._slots if s is not None and self._ready(s)]
+                    if not ready:
+                        self._cv.wait(timeout=self._poll_s())
+                        continue
                 self._iteration(ready)
+                self._failures = 0
             except Exception as exc:  # a bug or device error: fail these sessions, keep serving others
                 logger.exception("engine step failed")
-                with self._cv:
-                    for s in ready:
-                        self._release(s)
-                for s in ready:
-                    s._end(EngineFailure(f"the engine failed while stepping: {exc!r}"))
+                self._failed(ready, exc)
+
+    def _poll_s(self) -> float | None:
+        if self._waiting or self.max_buffered_frames:
+            return 0.05
+        # Occupied slots are looked at every second: idle and over-long sessions, abandoned ones.
+        return TIMEOUT_POLL_S if any(s is not None for s in self._slots) else None
+
+    def _failed(self, sessions: list[StreamingSession], exc: BaseException) -> None:
+        """A step (or join) failed: end its sessions; after several in a row, the engine is unhealthy."""
+        # The exception's text goes to the log only: it may name files of the machine.
+        error = EngineFailure(
+            f"the engine failed while stepping ({type(exc).__name__}); the engine's log has the details"
+        )
+        with self._cv:
+            self._failures += 1
+            if self._failures >= MAX_CONSECUTIVE_FAILURES and self.healthy:
+                self.healthy = False
+                self.health_error = (
+                    f"{MAX_CONSECUTIVE_FAILURES} steps failed in a row, the last with {type(exc).__name__}"
+                )
+                logger.error("the engine is unhealthy: %s; it refuses new sessions", self.health_error)
+                sessions = [*sessions, *(s for s in self._slots if s is not None), *self._waiting]
+                self._slots = [None] * self.max_sessions
+                self._waiting.clear()
+                try:
+                    self._check_usable()
+                except EngineFailure as unhealthy:
+                    error = unhealthy
+            for s in sessions:
+                self._release(s)
+        for s in sessions:
+            s._end(error)
 
     def _admit(self) -> None:
         """Move waiting sessions into free slots, expire those that waited too long, drop cancelled."""
@@ -548,15 +792,16 @@ class TTSEngine:
         for s in [*self._slots, *self._waiting]:
             if s is not None and s._flushed and not s._words and not s._finished:
                 s._end()  # nothing speakable (empty, whitespace, emoji): no audio, clean end
+        self._expire(self._timeout_clock())
         for s in self._slots:
             if s is not None and (s._cancelled or s._finished):
                 self._release(s)
         still: deque[StreamingSession] = deque()
-        for s in self._waiting:
+        for s in list(self._waiting):
             if s._cancelled or s._finished:
                 continue
             free = next((i for i, x in enumerate(self._slots) if x is None), None)
-            if free is None:
+            if free is None or not s._voice_ready:
                 if now - s.queued_at > self.queue_timeout_s:
                     s._end(
                         EngineTimeoutError(
@@ -568,11 +813,40 @@ class TTSEngine:
                     still.append(s)
                 continue
             self._slots[free] = s
-            s.run = self._start_run(s, free)
+            s._active_at = self._timeout_clock()  # time spent queued is not idleness
+            try:
+                s.run = self._start_run(s, free)
+            except Exception as exc:  # confined to this session (a device error counts towards health)
+                logger.exception("session %s could not join the batch", s.id)
+                self._slots[free] = None
+                self._failed([s], exc)
+                if not self.healthy:
+                    return  # every session has ended
         self._waiting = still
+        self._cv.notify_all()  # for whoever waits on sessions joining or leaving (tests, monitors)
         for s in self._slots:
             if s is not None and s.run is not None:
                 self._take_inbox(s)
+
+    def _expire(self, now: float) -> None:
+        """End the sessions holding a slot with no progress for idle_timeout_s, or open max_session_s."""
+        for s in self._slots:
+            if s is None or s._finished or s._cancelled:
+                continue
+            error: EngineTimeoutError | None = None
+            if self.max_session_s is not None and now - s._opened_at > self.max_session_s:
+                error = EngineTimeoutError(
+                    f"session {s.id} ran for more than {self.max_session_s:g} s (the engine's max_session_s) "
+                    "and was ended; split long texts over several sessions"
+                )
+            elif self.idle_timeout_s is not None and now - s._active_at > self.idle_timeout_s:
+                error = EngineTimeoutError(
+                    f"session {s.id} had no text, flush or read for {self.idle_timeout_s:g} s (the engine's "
+                    "idle_timeout_s) and was ended to free its slot; flush or cancel sessions when done"
+                )
+            if error is not None:
+                self._release(s)
+                s._end(error)
 
     def _start_run(self, s: StreamingSession, row: int) -> _SlotRun:
         o = s.options

@@ -730,14 +730,16 @@ class TTSServer:
             raise _ClientGone() from None
 
     async def _health(self, request: web.Request) -> web.Response:
+        healthy = self.engine.healthy  # False once the engine's steps keep failing (device error)
         return web.json_response(
             {
-                "status": "ok",
+                "status": "ok" if healthy else "unhealthy",
                 "sessions": self.engine.active_sessions,
                 "slots": self.engine.max_sessions,
                 "connections": self.metrics.connections,
                 "sample_rate": SAMPLE_RATE,
-            }
+            },
+            status=200 if healthy else 503,
         )
 
     async def _voices(self, request: web.Request) -> web.Response:
