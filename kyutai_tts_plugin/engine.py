@@ -120,6 +120,9 @@ class StreamingSession:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.queued_at = time.monotonic()
         self.run: _SlotRun | None = None
+        # Unread events beyond which this session is not stepped (None: the engine's setting), so
+        # a reader that paces itself (an adapter following playback) also paces the engine.
+        self.max_buffered_frames: int | None = None
 
     # -- the public contract ------------------------------------------------------------------
 
@@ -204,7 +207,11 @@ class StreamingSession:
                     self._waiters.append((loop, fut))
                     event = None
             if event is not None:
-                self._engine._wake()
+                if self.max_buffered_frames is not None:
+                    with self._engine._cv:
+                        self._engine._cv.notify_all()  # room in the buffer: this session may step
+                else:
+                    self._engine._wake()
                 yield event
                 continue
             if self._finished and not self._events:
@@ -608,7 +615,8 @@ class TTSEngine:
         run = s.run
         if run is None or s._cancelled or s._finished:
             return False
-        if self.max_buffered_frames is not None and s._buffered() >= self.max_buffered_frames:
+        limit = s.max_buffered_frames if s.max_buffered_frames is not None else self.max_buffered_frames
+        if limit is not None and s._buffered() >= limit:
             return False
         if s._flushed:
             return True
