@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,37 @@ async def test_a_model_still_loading_past_the_idle_timeout_is_not_a_failure(
     expected = pcm16(engine.synthesize(SECOND, GREEDY_OPTIONS).pcm)
     for context_id in contexts_in_order(rec.down()):
         assert audio_of(of_context(rec.down(), context_id)) == expected
+
+
+async def test_a_model_that_failed_to_load_loads_once_its_files_appear(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+
+    async def script(bot: Bot) -> None:
+        rec = bot.recorder
+        await bot.say()
+        await rec.wait_for(lambda: len(rec.down(LLMFullResponseEndFrame)) == 1, "the first reply")
+        shutil.copytree(tiny_checkpoint, model_dir, dirs_exist_ok=True)  # the download finished
+        await bot.say()
+        await rec.wait_for(lambda: len(rec.down(LLMFullResponseEndFrame)) == 2, "the second reply")
+
+    bot = await run_bot(
+        None, [tokens_of(SECOND), tokens_of(SECOND)], script, model=model_dir, voice_repo=model_dir / "voices"
+    )
+    rec = bot.recorder
+    errors = [e.error for e in rec.up(ErrorFrame)]
+    assert len(errors) == 1 and "config.json" in errors[0], errors
+    engine = bot.tts.engine
+    assert isinstance(engine, TTSEngine)
+    try:
+        failed, spoken = contexts_in_order(rec.down())
+        expected = pcm16(engine.synthesize(SECOND, GREEDY_OPTIONS).pcm)
+        assert audio_of(of_context(rec.down(), spoken)) == expected
+        assert bot.tts.is_usable and bot.assistant_messages() == [SECOND]
+    finally:
+        engine.close()
 
 
 # -- 2. captions and context follow the audio actually pushed, underruns included -------------------
