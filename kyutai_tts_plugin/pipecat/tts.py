@@ -12,6 +12,13 @@ the middle of a sentence the assistant context misses every word of that sentenc
 that were heard. Handing Pipecat whole words instead (a word is complete once whitespace follows it;
 the engine cannot speak a partial word anyway) costs no latency and lets each word frame follow its
 audio, so the context holds exactly what was played.
+
+Silences are normal for this engine (the model loading, a wait for a free slot, an LLM stalled on a
+tool call): the service keeps every open session's audio context alive, so Pipecat's idle timeout
+never ends one. Each word is queued behind the audio frame it starts in and re-based, when Pipecat
+times it, by the gaps (underruns) seen while pushing the audio, so captions and context follow what
+was heard; text of a failed or lost session that no word timing covers is not committed. Each
+utterance is generated at most ``max_lead_s`` ahead of its playback (by the pipeline clock).
 """
 
 from __future__ import annotations
