@@ -154,6 +154,9 @@ async def main() -> None:
         dtype="bfloat16" if args.device.startswith("cuda") else "float32",
         engine_kwargs={"num_threads": args.threads},
         settings=KyutaiTTSService.Settings(voice=args.voice),
+        # The audio goes to a file, not to a listener in real time: no reason to pace the engine to
+        # playback (a bot with an output transport keeps the default few seconds of lead).
+        max_lead_s=None,
     )
     logger.info("loading the TTS model...")
     try:

@@ -140,6 +140,16 @@ class StreamingSession:
     def is_finished(self) -> bool:
         return self._core.is_finished
 
+    @property
+    def max_buffered_frames(self) -> int | None:
+        """Unread events beyond which this session is not stepped (None: the engine's
+        `max_buffered_s`): a reader that paces itself (an adapter following playback) paces the engine."""
+        return self._core.max_buffered_frames
+
+    @max_buffered_frames.setter
+    def max_buffered_frames(self, frames: int | None) -> None:
+        self._core.max_buffered_frames = frames
+
     def push_text(self, fragment: str) -> None:
         """Append raw text, split anywhere (LLM token fragments)."""
         self._core.push_text(fragment)
@@ -206,6 +216,9 @@ class _Session:
         now = engine._timeout_clock()
         self._opened_at = now  # for engine.max_session_s
         self._active_at = now  # last push, flush or read: for engine.idle_timeout_s
+        # Unread events beyond which this session is not stepped (None: the engine's setting), so
+        # a reader that paces itself (an adapter following playback) also paces the engine.
+        self.max_buffered_frames: int | None = None
 
     # -- the public contract ------------------------------------------------------------------
 
@@ -296,7 +309,11 @@ class _Session:
                     self._waiters.append((loop, fut))
                     event = None
             if event is not None:
-                self._engine._wake()
+                if self.max_buffered_frames is not None:
+                    with self._engine._cv:
+                        self._engine._cv.notify_all()  # room in the buffer: this session may step
+                else:
+                    self._engine._wake()
                 yield event
                 continue
             if self._finished and not self._events:
@@ -899,7 +916,8 @@ class TTSEngine:
         run = s.run
         if run is None or s._cancelled or s._finished:
             return False
-        if self.max_buffered_frames is not None and s._buffered() >= self.max_buffered_frames:
+        limit = s.max_buffered_frames if s.max_buffered_frames is not None else self.max_buffered_frames
+        if limit is not None and s._buffered() >= limit:
             return False
         if s._flushed:
             return True

@@ -12,17 +12,21 @@ the middle of a sentence the assistant context misses every word of that sentenc
 that were heard. Handing Pipecat whole words instead (a word is complete once whitespace follows it;
 the engine cannot speak a partial word anyway) costs no latency and lets each word frame follow its
 audio, so the context holds exactly what was played.
+
+Silences are normal for this engine (the model loading, a wait for a free slot, an LLM stalled on a
+tool call): the service keeps every open session's audio context alive, so Pipecat's idle timeout
+never ends one. Each word is queued behind the audio frame it starts in and re-based, when Pipecat
+times it, by the gaps (underruns) seen while pushing the audio, so captions and context follow what
+was heard; text of a failed or lost session that no word timing covers is not committed. Each
+utterance is generated at most ``max_lead_s`` ahead of its playback (by the pipeline clock).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import math
 import os
 import re
-import threading
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +40,12 @@ try:
         StartFrame,
         TTSAudioRawFrame,
         TTSStoppedFrame,
+        TTSTextFrame,
     )
     from pipecat.processors.frame_processor import FrameDirection
     from pipecat.services.settings import NOT_GIVEN, TTSSettings
     from pipecat.services.tts_service import TextAggregationMode, TTSService
+    from pipecat.utils.context.word_timestamp_tracker import WordTimestamp
     from pipecat.utils.errors import ErrorCategory
     from pipecat.utils.text.base_text_aggregator import Aggregation, BaseTextAggregator, TextType
     from pipecat.utils.tracing.service_decorators import traced_tts
@@ -48,6 +54,14 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installe
         f"{exc}. The Kyutai Pipecat service needs Pipecat: pip install 'kyutai-tts-plugin[pipecat]'"
     ) from exc
 
+from ..adapter_support import (
+    DEFAULT_MAX_LEAD_S,
+    EMPTY_REPLY_PCM16,
+    EngineLoader,
+    check_max_lead_s,
+    session_options,
+    voice_from_kwargs,
+)
 from ..errors import (
     EngineFailure,
     EngineFullError,
@@ -55,7 +69,15 @@ from ..errors import (
     InvalidInputError,
     KyutaiTTSError,
 )
-from ..types import FRAME_SIZE, SAMPLE_RATE, AudioChunk, SessionOptions, TTSBackend, TTSSession
+from ..types import (
+    FRAME_DURATION_S,
+    SAMPLE_RATE,
+    AudioChunk,
+    SessionOptions,
+    TTSBackend,
+    TTSSession,
+    WordTiming,
+)
 
 __all__ = ["KyutaiTTSService", "KyutaiTTSSettings"]
 
@@ -80,45 +102,105 @@ class KyutaiTTSSettings(TTSSettings):
 
 
 class _WordAggregator(BaseTextAggregator):
-    """Cuts streamed LLM text into whole words: a word is complete once whitespace follows it."""
+    """Cuts streamed LLM text into whole words: a word is complete once whitespace follows it.
+
+    While the service has text transforms or filters, it hands over whole sentences instead (from
+    Pipecat's own sentence aggregator), as Pipecat's default mode does: a transform sees a unit it
+    can work on (``**Very important**``, a ``## heading``), never a lone word.
+    """
 
     _WORD = re.compile(r"\S+(?=\s)")
 
-    def __init__(self, language: str | None = None) -> None:
-        super().__init__(aggregation_type=TextType.WORD, language=language)
+    def __init__(self, sentences: BaseTextAggregator, by_sentence: Callable[[], bool]) -> None:
+        super().__init__(aggregation_type=TextType.WORD, language=sentences.language)
+        self._sentences = sentences
+        self._by_sentence = by_sentence
         self._text = ""
 
     @property
     def text(self) -> Aggregation:
+        if self._by_sentence():
+            return self._sentences.text
         return Aggregation(self._text.strip(), TextType.WORD)
 
     async def aggregate(self, text: str) -> AsyncIterator[Aggregation]:
+        if self._by_sentence():
+            if self._text:  # words held since transforms were added: they open the sentence
+                text, self._text = self._text + text, ""
+            async for sentence in self._sentences.aggregate(text):
+                yield sentence
+            return
         self._text += text
         while (match := self._WORD.search(self._text)) is not None:
             self._text = self._text[match.end() :]
             yield Aggregation(match.group(), TextType.WORD)
 
     async def flush(self) -> Aggregation | None:
+        sentence = await self._sentences.flush()
         rest, self._text = self._text.strip(), ""
+        if sentence is not None and sentence.text.strip():
+            return sentence
         return Aggregation(rest, TextType.WORD) if rest else None
 
     async def handle_interruption(self) -> None:
         self._text = ""
+        await self._sentences.handle_interruption()
 
     async def reset(self) -> None:
         self._text = ""
+        await self._sentences.reset()
 
 
 @dataclass
 class _Stream:
-    """The engine session behind one audio context."""
+    """The engine session behind one audio context, and where its audio stands in playback."""
 
-    session: TTSSession | None  # None: it could not be opened (the error was reported)
+    session: TTSSession | None  # None: being opened, or it could not be opened (error reported)
     consumer: asyncio.Task[None] | None = None
     text: str = ""
     flushed: bool = False  # the text is complete
     done: bool = False  # the session's event stream ended (or it never opened)
     got_audio: bool = False
+    ended_ok: bool = False  # the session spoke all its text, with no error
+    appended_s: float = 0.0  # audio handed to the audio context
+    pushed_s: float = 0.0  # audio Pipecat pushed downstream (towards the output transport)
+    play_end_ns: int | None = None  # clock time at which the pushed audio finishes playing
+    shift_s: float = 0.0  # total gap (underruns) before the last pushed frame
+    words_released: int = 0  # word timings whose audio was pushed, handed to Pipecat's word frames
+    text_frames_passed: int = 0
+    pushed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def lead_s(self, now_ns: int) -> float:
+        """Seconds of this context's audio generated but not yet played."""
+        playing = 0.0 if self.play_end_ns is None else max(0.0, (self.play_end_ns - now_ns) / 1e9)
+        return (self.appended_s - self.pushed_s) + playing
+
+
+class _HeardWord(WordTimestamp):
+    """A word timing, re-based onto the audio actually pushed when Pipecat reads it.
+
+    Pipecat times a context's words from its first audio frame as if the audio played without a
+    break; the service queues each word behind the audio frame it starts in, so when the playback
+    task reads the time, every gap (underrun) before that frame is known and added.
+    """
+
+    def __init__(self, word: str, start_s: float, context_id: str, stream: _Stream) -> None:
+        self.word = word
+        self.context_id = context_id
+        self.includes_inter_frame_spaces = False
+        self._start_s = start_s
+        self._stream = stream
+        self._released = False
+
+    @property  # type: ignore[override]
+    def timestamp(self) -> float:
+        if not self._released:
+            self._released = True
+            self._stream.words_released += 1
+        return self._start_s + self._stream.shift_s
+
+    def __repr__(self) -> str:
+        return f"_HeardWord({self.word!r}, {self._start_s:.2f}, {self.context_id!r})"
 
 
 class KyutaiTTSService(TTSService):
@@ -154,7 +236,11 @@ class KyutaiTTSService(TTSService):
         dtype: str = "float32",
         engine_kwargs: dict[str, Any] | None = None,
         settings: KyutaiTTSSettings | None = None,
+        voice: str | None = None,
+        voice_id: str | None = None,
         text_aggregation_mode: TextAggregationMode | None = None,
+        aggregate_sentences: bool | None = None,
+        max_lead_s: float | None = DEFAULT_MAX_LEAD_S,
         **kwargs: Any,
     ) -> None:
         """Initialize the Kyutai TTS service.
@@ -173,16 +259,27 @@ class KyutaiTTSService(TTSService):
             settings: Runtime settings (voice, cfg_coef, temperature, n_q, padding_bonus). Unset
                 fields keep the engine defaults. Later changes go through
                 ``TTSUpdateSettingsFrame(delta=KyutaiTTSService.Settings(...))``.
+            voice: The voice, as Pipecat's other TTS services take it (same as
+                ``settings.voice``; giving two different voices is an error).
+            voice_id: Same as ``voice``.
             text_aggregation_mode: None (default) hands the engine each word as soon as it is
-                complete. ``TextAggregationMode.SENTENCE`` waits for whole sentences (more
-                latency). ``TextAggregationMode.TOKEN`` uses Pipecat's token streaming, whose
-                word frames wait for the end of each sentence (an interruption mid-sentence
-                then loses that sentence's words from the context).
+                complete (whole sentences while ``text_transforms`` or ``text_filters`` are set,
+                so that they see what they do in Pipecat's own services).
+                ``TextAggregationMode.SENTENCE`` waits for whole sentences (more latency).
+                ``TextAggregationMode.TOKEN`` uses Pipecat's token streaming, whose word frames
+                wait for the end of each sentence (an interruption mid-sentence then loses that
+                sentence's words from the context), and whose transforms see one token.
+            aggregate_sentences: Pipecat's older form: True is ``TextAggregationMode.SENTENCE``,
+                False the default word streaming.
+            max_lead_s: How many seconds of audio an utterance may be generated ahead of its
+                playback (by the pipeline clock); the engine pauses that utterance beyond it, so a
+                barge-in throws away at most this much work. None: no limit.
             **kwargs: Passed to `TTSService` (``name``, ``text_transforms``, ...).
 
         Raises:
-            InvalidInputError: A setting has the wrong type or is out of range, or ``sample_rate``
-                is not the engine's 24 kHz.
+            InvalidInputError: A setting has the wrong type or is out of range, two different
+                voices are given, both ``aggregate_sentences`` and ``text_aggregation_mode`` are
+                given, or ``sample_rate`` is not the engine's 24 kHz.
         """
         sample_rate = kwargs.pop("sample_rate", None)
         if sample_rate not in (None, SAMPLE_RATE):
@@ -190,6 +287,18 @@ class KyutaiTTSService(TTSService):
                 f"KyutaiTTSService produces {SAMPLE_RATE} Hz audio; drop sample_rate={sample_rate} "
                 "(the output transport resamples to its own rate)"
             )
+        if aggregate_sentences is not None:
+            if text_aggregation_mode is not None:
+                raise InvalidInputError(
+                    "KyutaiTTSService: give text_aggregation_mode or aggregate_sentences, not both "
+                    "(aggregate_sentences is Pipecat's deprecated form)"
+                )
+            if not isinstance(aggregate_sentences, bool):
+                raise InvalidInputError(
+                    f"aggregate_sentences must be True or False, got {aggregate_sentences!r}"
+                )
+            text_aggregation_mode = TextAggregationMode.SENTENCE if aggregate_sentences else None
+        self._max_lead_s = check_max_lead_s(max_lead_s)
         defaults = SessionOptions()
         store = KyutaiTTSSettings(
             model=os.fspath(model) if model is not None else "kyutai/tts-1.6b-en_fr",
@@ -202,6 +311,7 @@ class KyutaiTTSService(TTSService):
         )
         if settings is not None:
             store.apply_update(settings)
+        store.voice = voice_from_kwargs(store.voice, voice=voice, voice_id=voice_id)
         problem = _settings_problem(store)
         if problem:
             raise InvalidInputError(f"KyutaiTTSService settings: {problem}")
@@ -220,25 +330,27 @@ class KyutaiTTSService(TTSService):
         self._word_aggregator: _WordAggregator | None = None
         if word_mode:
             # Pipecat has no word mode; its aggregator slot takes any BaseTextAggregator.
-            self._word_aggregator = _WordAggregator(self._text_aggregator.language)
+            self._word_aggregator = _WordAggregator(
+                self._text_aggregator, lambda: bool(self._text_transforms or self._text_filters)
+            )
             self._text_aggregator = self._word_aggregator
-        self._engine: TTSBackend | None = engine
-        self._engine_future: concurrent.futures.Future[TTSBackend] | None = None
-        if engine is None:
-            engine_args: dict[str, Any] = {"device": device, "dtype": dtype, **(engine_kwargs or {})}
-            if model is not None:
-                engine_args["model"] = model
-            if voice_repo is not None:
-                engine_args["voice_repo"] = voice_repo
-            self._engine_future = _load_in_background(engine_args)
+        engine_args: dict[str, Any] = {"device": device, "dtype": dtype, **(engine_kwargs or {})}
+        if model is not None:
+            engine_args["model"] = model
+        if voice_repo is not None:
+            engine_args["voice_repo"] = voice_repo
+        self._loader = EngineLoader(engine_args, engine)
+        self._loader.start()
         self._streams: dict[str, _Stream] = {}
         self._last_good_options: SessionOptions | None = None
         self._stopping = False
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._last_word_pts = 0  # as Pipecat's word timestamp tracker: the last word frame's PTS
 
     @property
     def engine(self) -> TTSBackend | None:
         """The backend, once loaded (None while the shared engine is still loading)."""
-        return self._engine
+        return self._loader.engine
 
     async def wait_until_ready(self) -> TTSBackend:
         """Wait (without blocking the event loop) until the engine is loaded.
@@ -247,12 +359,10 @@ class KyutaiTTSService(TTSService):
             The backend.
 
         Raises:
-            KyutaiTTSError: The model could not be loaded (the message says why).
+            KyutaiTTSError: The model could not be loaded (the message says why); the next
+                utterance tries again.
         """
-        if self._engine is None:
-            assert self._engine_future is not None
-            self._engine = await asyncio.wrap_future(self._engine_future)
-        return self._engine
+        return await self._loader.get()
 
     def can_generate_metrics(self) -> bool:
         """Check if this service can generate processing metrics.
@@ -279,6 +389,8 @@ class KyutaiTTSService(TTSService):
         """
         await super().start(frame)
         self._stopping = False
+        if self._keepalive_task is None:
+            self._keepalive_task = self.create_task(self._keep_contexts_alive(), name="kyutai-tts-keepalive")
 
     async def stop(self, frame: EndFrame) -> None:
         """Finish the open utterances, then stop.
@@ -286,12 +398,14 @@ class KyutaiTTSService(TTSService):
         Args:
             frame: The end frame.
         """
-        # The base waits for every open audio context to finish playing, and a turn the LLM never
-        # ended would only end on the idle timeout: flush the sessions first. A partial word still
-        # waiting for its end is dropped, and no new session opens while stopping.
+        # The base waits for every open audio context to finish playing before it ends the turn,
+        # and a turn the LLM never ended would only end on the idle timeout: speak the text still
+        # held by the aggregator (the last word, which no whitespace ended) and flush the sessions
+        # first. No new session opens afterwards.
+        remaining = await self._text_aggregator.flush()
+        if remaining is not None and self._turn_context_id:
+            await self._handle_aggregated_text(self._aggregated_text_frame(remaining), self._turn_context_id)
         self._stopping = True
-        if self._word_aggregator is not None:
-            await self._word_aggregator.reset()
         for context_id, stream in list(self._streams.items()):
             await self._end_of_text(context_id, stream)
         await super().stop(frame)
@@ -311,6 +425,56 @@ class KyutaiTTSService(TTSService):
         """Release every engine session and task (idempotent)."""
         await super().cleanup()
         await self._release_all()
+
+    async def push_frame(self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM) -> None:
+        """Push a frame; follow each context's audio into playback, and hold back unheard text.
+
+        Args:
+            frame: The frame to push.
+            direction: The direction to push it in.
+        """
+        if direction == FrameDirection.DOWNSTREAM:
+            context_id = getattr(frame, "context_id", None)
+            stream = self._streams.get(context_id) if context_id else None
+            if isinstance(frame, TTSTextFrame):
+                if frame.pts:
+                    self._last_word_pts = max(self._last_word_pts, frame.pts)
+                if stream is not None and not stream.ended_ok:
+                    # Text no word timing accounted for, of a session that failed or was lost
+                    # (Pipecat completes the context's text at its end): it was never heard, so
+                    # it must not reach the assistant context.
+                    if stream.text_frames_passed >= stream.words_released:
+                        return
+                    stream.text_frames_passed += 1
+            elif isinstance(frame, TTSAudioRawFrame) and stream is not None:
+                self._track_playback(stream, frame)
+        await super().push_frame(frame, direction)
+
+    def _track_playback(self, stream: _Stream, frame: TTSAudioRawFrame) -> None:
+        """Where this frame plays: right after the previous one, or now if playback ran dry."""
+        now = self.get_clock().get_time()
+        duration = len(frame.audio) / (2 * frame.sample_rate * frame.num_channels)
+        if stream.play_end_ns is None:
+            # The first frame: Pipecat starts timing the context's words here (same baseline).
+            stream.play_end_ns = max(self._last_word_pts, now)
+        elif now > stream.play_end_ns:
+            # An underrun: the listener heard a gap before this frame; later words shift by it.
+            stream.shift_s += (now - stream.play_end_ns) / 1e9
+            stream.play_end_ns = now
+        stream.play_end_ns += round(duration * 1e9)
+        stream.pushed_s += duration
+        stream.pushed.set()
+
+    async def _keep_contexts_alive(self) -> None:
+        """Refresh every open session's audio context, so that Pipecat's idle timeout never ends
+        one during a silence that is normal here: waiting for the model, a slot, or the LLM."""
+        while True:
+            # Often: a busy event loop may run the timeout before a late refresh.
+            interval = min(0.5, self._stop_frame_timeout_s / 10)
+            await asyncio.sleep(interval)
+            for context_id, stream in list(self._streams.items()):
+                if not stream.done and self.audio_context_available(context_id):
+                    self._refresh_audio_context(context_id)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         """Process a frame; after an interruption, also end sessions Pipecat no longer tracks.
@@ -347,13 +511,15 @@ class KyutaiTTSService(TTSService):
             if self._stopping:
                 yield None
                 return
+            # Registered before the engine is ready, so that the keepalive covers the wait.
+            stream = self._streams[context_id] = _Stream(session=None)
             try:
-                stream = await self._open(context_id)
+                await self._open(context_id, stream)
             except Exception as exc:
                 # The rest of this context's text is ignored; the context closes when its text ends
                 # (closing it now would let the next word reopen it and fail again).
                 await self.push_error_frame(_error_frame(exc))
-                self._streams[context_id] = _Stream(session=None, done=True)
+                stream.done = True
                 yield None
                 return
         if stream.session is not None and not stream.done and not stream.flushed:
@@ -443,7 +609,7 @@ class KyutaiTTSService(TTSService):
             padding_bonus=float(s.padding_bonus),
         )
 
-    async def _open(self, context_id: str) -> _Stream:
+    async def _open(self, context_id: str, stream: _Stream) -> None:
         engine = await self.wait_until_ready()
         options = self._session_options()
         try:
@@ -467,10 +633,11 @@ class KyutaiTTSService(TTSService):
             options = good
             session = engine.open_session(options)
         self._last_good_options = options
-        stream = _Stream(session=session)
-        self._streams[context_id] = stream
+        if self._max_lead_s is not None and hasattr(session, "max_buffered_frames"):
+            # Pacing holds the events back; the engine must not run on into its own buffer.
+            session.max_buffered_frames = 2
+        stream.session = session
         stream.consumer = self.create_task(self._consume(context_id, stream), name=f"kyutai-tts-{context_id}")
-        return stream
 
     def _restore_settings(self, options: SessionOptions) -> None:
         self._settings.voice = options.voice
@@ -481,18 +648,25 @@ class KyutaiTTSService(TTSService):
         """Move the session's audio and word timings into its audio context, in order."""
         assert stream.session is not None
         got_audio = False
+        words: list[WordTiming] = []  # reported before the audio they start in
         try:
             async for event in stream.session:
                 if isinstance(event, AudioChunk):
+                    await self._pace(stream)
                     got_audio = True
                     audio = TTSAudioRawFrame(event.pcm16(), SAMPLE_RATE, 1, context_id=context_id)
                     await self.append_to_audio_context(context_id, audio)
+                    stream.appended_s += FRAME_DURATION_S
+                    # A word goes behind the frame it starts in: when Pipecat times it, the
+                    # frame has been pushed, and any gap before it is known.
+                    frame = _frame_index(event.start_s)
+                    due = [w for w in words if _frame_index(w.start_s) <= frame]
+                    words = [w for w in words if _frame_index(w.start_s) > frame]
+                    await self._add_words(context_id, stream, due)
                 else:
-                    # Report the text as the LLM wrote it (punctuation and all), which is what
-                    # Pipecat matches against; the unspeakable characters before a word ride with it.
-                    label = event.text.strip()
-                    if label:
-                        await self.add_word_timestamps([(label, event.start_s)], context_id)
+                    words.append(event)
+            await self._add_words(context_id, stream, words)
+            stream.ended_ok = True
         except Exception as exc:
             await self.push_error_frame(_error_frame(exc))
         stream.done = True
@@ -502,13 +676,37 @@ class KyutaiTTSService(TTSService):
         if stream.flushed:
             await self._close_context(context_id, got_audio)
 
+    async def _add_words(self, context_id: str, stream: _Stream, words: list[WordTiming]) -> None:
+        for word in words:
+            # Report the text as the LLM wrote it (punctuation and all), which is what Pipecat
+            # matches against; the unspeakable characters before a word ride with it.
+            label = word.text.strip()
+            if label and self.audio_context_available(context_id):
+                await self.append_to_audio_context(
+                    context_id, _HeardWord(label, word.start_s, context_id, stream)
+                )
+
+    async def _pace(self, stream: _Stream) -> None:
+        """Wait while this utterance is `max_lead_s` or more ahead of its playback."""
+        if self._max_lead_s is None:
+            return
+        clock = self.get_clock()
+        while (lead := stream.lead_s(clock.get_time())) >= self._max_lead_s:
+            stream.pushed.clear()
+            # Woken by a frame pushed to playback, or when enough of it has played.
+            wait = min(max(lead - self._max_lead_s, 0.01), 0.5)
+            try:
+                await asyncio.wait_for(stream.pushed.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+
     async def _close_context(self, context_id: str, got_audio: bool) -> None:
         if not self.audio_context_available(context_id):
             return
         if not got_audio:
             # Pipecat reports a context that ends without audio as a failed synthesis and, after a
             # few in a row, stops using the service; a reply with nothing to say is not a failure.
-            silence = TTSAudioRawFrame(bytes(2 * FRAME_SIZE), SAMPLE_RATE, 1, context_id=context_id)
+            silence = TTSAudioRawFrame(EMPTY_REPLY_PCM16, SAMPLE_RATE, 1, context_id=context_id)
             await self.append_to_audio_context(context_id, silence)
         await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
         await self.remove_audio_context(context_id)
@@ -537,25 +735,23 @@ class KyutaiTTSService(TTSService):
     async def _release_all(self) -> None:
         for context_id in list(self._streams):
             await self._release(context_id)
+        if self._keepalive_task is not None:
+            await self.cancel_task(self._keepalive_task)
+            self._keepalive_task = None
 
 
 def _settings_problem(s: KyutaiTTSSettings) -> str | None:
-    """What is wrong with these settings, or None."""
-    if s.voice is not None and not isinstance(s.voice, str):
-        return f"voice must be a voice name (str), got {s.voice!r}"
-    values: dict[str, float] = {}
-    for name in _NUMERIC_FIELDS:
-        value = getattr(s, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return f"{name} must be a finite number, got {value!r}"
-        values[name] = float(value)
-    if values["temperature"] < 0:
-        return f"temperature must be >= 0, got {s.temperature!r}"
-    if values["n_q"] < 1 or values["n_q"] != int(values["n_q"]):
-        return f"n_q must be a whole number >= 1, got {s.n_q!r}"
-    if values["cfg_coef"] <= 0:
-        return f"cfg_coef must be > 0, got {s.cfg_coef!r}"
+    """What is wrong with these settings (the engine's own checks), or None."""
+    try:
+        session_options(voice=s.voice, **{name: getattr(s, name) for name in _NUMERIC_FIELDS})
+    except InvalidInputError as exc:
+        return str(exc)
     return None
+
+
+def _frame_index(t: float) -> int:
+    """The 80 ms frame a time falls in (engine times are whole frames)."""
+    return round(t / FRAME_DURATION_S)
 
 
 def _error_frame(exc: BaseException) -> ErrorFrame:
@@ -573,20 +769,3 @@ def _error_frame(exc: BaseException) -> ErrorFrame:
     else:
         message = f"Kyutai TTS failed unexpectedly ({exc!r}); this utterance is not spoken"
     return ErrorFrame(error=message, exception=exc, category=category)
-
-
-def _load_in_background(engine_args: dict[str, Any]) -> concurrent.futures.Future[TTSBackend]:
-    """Start loading the shared engine in a thread; the future cannot be cancelled by a waiter."""
-    future: concurrent.futures.Future[TTSBackend] = concurrent.futures.Future()
-    future.set_running_or_notify_cancel()
-
-    def load() -> None:
-        try:
-            from ..engine import shared_engine
-
-            future.set_result(shared_engine(**engine_args))
-        except BaseException as exc:  # handed to whoever waits for the engine
-            future.set_exception(exc)
-
-    threading.Thread(target=load, name="kyutai-tts-load", daemon=True).start()
-    return future
