@@ -43,8 +43,9 @@ async def backend(request: pytest.FixtureRequest, tiny_engine):
         yield tiny_engine
         return
     from kyutai_tts_plugin.remote import RemoteTTS
-    from kyutai_tts_plugin.server import start_server
+    from kyutai_tts_plugin.server import ServerLimits, start_server
 
-    server = await start_server(tiny_engine)
+    # the adapters' tests compare greedy output: the server must honour the client's options
+    server = await start_server(tiny_engine, limits=ServerLimits(allow_client_params=True))
     yield RemoteTTS(server.url)
     await server.close()

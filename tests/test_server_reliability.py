@@ -38,6 +38,9 @@ async def make_server(tiny_engine: Any) -> AsyncIterator[StartServer]:
     servers: list[RunningServer] = []
 
     async def start(api_keys: tuple[str, ...] = (KEY,), **limits: Any) -> RunningServer:
+        # Client generation parameters are honoured here, so that greedy output can be compared with
+        # in-process synthesis; test_server_compat.py checks moshi-server's defaults.
+        limits.setdefault("allow_client_params", True)
         server = await start_server(tiny_engine, api_keys=api_keys, limits=ServerLimits(**limits))
         servers.append(server)
         return server
