@@ -532,13 +532,14 @@ class TTSServer:
             raise ProtocolError(
                 "invalid_voice", "invalid Voice message: the embeddings must be float32 numbers"
             )
-        array = np.asarray(values, dtype=np.float32).reshape(shape)
-        if not np.isfinite(array).all():
+        wide = np.asarray(values, dtype=np.float64)  # float32 overflow is found here, without a warning
+        if not np.isfinite(wide).all() or np.abs(wide).max() > np.finfo(np.float32).max:
             raise ProtocolError(
                 "invalid_voice", "invalid Voice message: the embeddings must be finite numbers"
             )
         import torch
 
+        array = wide.astype(np.float32).reshape(shape)
         return await asyncio.to_thread(self.engine.voices.register_embedding, torch.from_numpy(array))
 
     def _start(self, options: SessionOptions) -> StreamingSession:
@@ -779,8 +780,9 @@ class TTSServer:
         # Only a Voice message may be larger (a speaker embedding); others are refused before decoding.
         biggest = limit if kind == WSMsgType.TEXT else max(limit, self.limits.max_voice_message_bytes)
         if size > biggest:
+            voice = "" if biggest == limit else f" (Voice messages: {biggest} bytes)"
             raise ProtocolError(
-                "message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes"
+                "message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes{voice}"
             )
         if kind == WSMsgType.TEXT:
             return "text", str(data), {}

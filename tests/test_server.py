@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,40 +29,21 @@ from kyutai_tts_plugin.errors import (
 from kyutai_tts_plugin.remote import RemoteError, RemoteTTS, streaming_url
 from kyutai_tts_plugin.server import (
     RunningServer,
-    ServerLimits,
     add_serve_arguments,
     api_keys_from,
     limits_from,
-    start_server,
 )
 from kyutai_tts_plugin.testing import HANG_GUARD_S, TEST_VOICES, StepGate
 from kyutai_tts_plugin.types import AudioChunk, SessionOptions, WordTiming
+from tests.conftest import SERVER_TEST_KEY
 
-KEY = "test-key-0123456789"
+KEY = SERVER_TEST_KEY
 HEADERS = {"kyutai-api-key": KEY}
 TEXT = "Hello world, this is a test of the server."
 GREEDY = SessionOptions(temperature=0.0, n_q=8)
 GREEDY_QUERY = "format=PcmMessagePack&temperature=0&n_q=8"
 
 StartServer = Callable[..., Awaitable[RunningServer]]
-
-
-@pytest.fixture
-async def make_server(tiny_engine: Any) -> AsyncIterator[StartServer]:
-    servers: list[RunningServer] = []
-
-    async def start(api_keys: tuple[str, ...] = (KEY,), **limits: Any) -> RunningServer:
-        # Client generation parameters are honoured here, so that greedy output can be compared with
-        # in-process synthesis; test_server_compat.py checks moshi-server's defaults.
-        limits.setdefault("allow_client_params", True)
-        server = await start_server(tiny_engine, api_keys=api_keys, limits=ServerLimits(**limits))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
-    await wait_idle(tiny_engine)
 
 
 @pytest.fixture
