@@ -495,3 +495,40 @@ async def test_a_client_that_answers_no_ping_still_times_out(make_server: StartS
             break
     await ws._test_http.close()  # type: ignore[attr-defined]
     assert [e["code"] for e in errors] == ["idle_timeout"]
+
+
+# -- the adapters through a server with default options -------------------------------------------
+
+
+async def test_livekit_tts_through_a_default_server(moshi_like: RunningServer, tiny_engine: Any) -> None:
+    """The LiveKit TTS sends its options (cfg 1.7 would be refused if honoured) and an unknown voice:
+    the server ignores the one and falls back for the other, as moshi-server; the stream ends cleanly."""
+    from kyutai_tts_plugin.livekit import TTS as LiveKitTTS
+    from tests.test_livekit import run_stream, timed_words, tokens_of
+
+    audio_before = moshi_like.server.metrics.audio_seconds
+    remote = RemoteTTS(moshi_like.url, api_key=KEY)
+    tts = LiveKitTTS(engine=remote, voice="nobody-here", cfg_coef=1.7)
+    events = await asyncio.wait_for(run_stream(tts, tokens_of(TEXT)), HANG_GUARD_S)
+    assert events and [ev.is_final for ev in events].count(True) == 1 and events[-1].is_final
+    pcm = np.concatenate([np.frombuffer(ev.frame.data, dtype=np.int16) for ev in events])
+    sent = moshi_like.server.metrics.audio_seconds - audio_before
+    assert round(sent * 24000) <= len(pcm) <= round(sent * 24000) + 240  # + the emitter's 10 ms marker
+    assert "".join(timed_words(events)) == TEXT
+    await wait_idle(tiny_engine)
+
+
+async def test_pipecat_service_through_a_default_server(moshi_like: RunningServer, tiny_engine: Any) -> None:
+    from pipecat.frames.frames import ErrorFrame, TTSStoppedFrame, TTSTextFrame
+
+    from tests.test_pipecat import Bot, run_bot, tokens_of
+
+    async def script(bot: Bot) -> None:
+        await bot.say()
+        await bot.recorder.wait_for(lambda: bool(bot.recorder.down(TTSStoppedFrame)), "the stop frame")
+
+    bot = await run_bot(RemoteTTS(moshi_like.url, api_key=KEY), [tokens_of(TEXT)], script)
+    rec = bot.recorder
+    assert not rec.up(ErrorFrame) and not rec.down(ErrorFrame)
+    assert [f.text for f in rec.down(TTSTextFrame)] == TEXT.split()
+    await wait_idle(tiny_engine)
