@@ -596,7 +596,10 @@ class TTSServer:
             compress=False,  # float audio does not compress; deflate would only cost CPU
             # aiohttp's own limit is a backstop above ours, so that a message over our limit gets a
             # protocol Error first; over the backstop, _ReportingWebSocket still says why.
-            max_msg_size=4 * max(limits.max_message_bytes, limits.max_voice_message_bytes),
+            # A Voice message may be larger (max_voice_message_bytes), with the same margin for our Error.
+            max_msg_size=max(
+                4 * limits.max_message_bytes, limits.max_voice_message_bytes + limits.max_message_bytes
+            ),
             # Pings and pongs are handled by _ws_read and _ping, so that a pong counts as activity.
             autoping=False,
             timeout=limits.close_timeout_s,
