@@ -600,7 +600,8 @@ class TTSServer:
             max_msg_size=max(
                 4 * limits.max_message_bytes, limits.max_voice_message_bytes + limits.max_message_bytes
             ),
-            # Pings and pongs are handled by _ws_read and _ping, so that a pong counts as activity.
+            # _ws_read answers pings and sees pongs itself, so that a pong restarting the idle wait is ours
+            # to guarantee (not a detail of how aiohttp times its reads); _ping sends the pings.
             autoping=False,
             timeout=limits.close_timeout_s,
         )
