@@ -8,13 +8,18 @@ honoured). Every problem becomes a `CheckpointError` naming the file and saying 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 import urllib.parse
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -576,7 +581,15 @@ class VoiceLibrary:
     ``expresso/ex03-ex01_happy_001_channel1_334s.wav`` for the file
     ``expresso/ex03-ex01_happy_001_channel1_334s.wav.1e68beda@240.safetensors``. With
     ``suffix=None`` the library only lists, the voices made for any model (no model needed).
+
+    Embeddings that arrive at run time (moshi-server's ``Voice`` message) are registered with
+    `register_embedding`, which names them by content; `resolve` then finds them like any voice file.
     """
+
+    # Registered embeddings kept at most (least recently used dropped first): each is a small file, and
+    # a client may send a new one per connection.
+    max_registered = 64
+    REGISTERED_PREFIX = "custom:"
 
     def __init__(
         self,
@@ -592,6 +605,8 @@ class VoiceLibrary:
         self._resolved: dict[str, Path] = {}
         self._listed: list[str] | None = None
         self._lock = threading.Lock()
+        self._registered: OrderedDict[str, Path] = OrderedDict()
+        self._registry_dir: Path | None = None
 
     def list(self) -> list[str]:
         """Every available voice name, sorted. Offline, a Hugging Face repo lists its cached voices."""
@@ -607,12 +622,42 @@ class VoiceLibrary:
         the path of a local ``.safetensors`` file."""
         key = os.fspath(name)
         with self._lock:
+            if key in self._registered:
+                self._registered.move_to_end(key)
+                return self._registered[key]
             if key in self._resolved:
                 return self._resolved[key]
         path = self._resolve(key)
         with self._lock:
             self._resolved[key] = path
         return path
+
+    def register_embedding(self, embedding: torch.Tensor) -> str:
+        """Make a speaker embedding (float32 ``[1, dim, T]``, already validated by the caller) usable as a
+        voice; returns its name (``custom:<content hash>``: the same embedding gets the same name, so the
+        engine's per-voice caches are shared). The embedding is written to a private temporary file, so
+        that every path that loads voice files (`resolve`, `load_voice_embedding`) works for it."""
+        emb = embedding.detach().to("cpu", torch.float32).contiguous()
+        digest = hashlib.sha256(repr(list(emb.shape)).encode() + emb.numpy().tobytes()).hexdigest()[:32]
+        name = self.REGISTERED_PREFIX + digest
+        with self._lock:
+            if name in self._registered:
+                self._registered.move_to_end(name)
+                return name
+            if self._registry_dir is None:
+                self._registry_dir = Path(tempfile.mkdtemp(prefix="kyutai-tts-voices-"))
+                # removed with the library (or at exit): the files only live as long as their names
+                weakref.finalize(self, shutil.rmtree, self._registry_dir, ignore_errors=True)
+            path = self._registry_dir / f"{digest}.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({"speaker_wavs": emb}, str(path))
+        with self._lock:
+            self._registered[name] = path
+            while len(self._registered) > self.max_registered:
+                _, old = self._registered.popitem(last=False)
+                old.unlink(missing_ok=True)
+        return name
 
     # -- internals
 

@@ -48,8 +48,8 @@ _BREAK_PIECE = "<break"
 _NO_STATUS = 1005
 _NORMAL_CLOSE_CODES = (0, _NO_STATUS, 1000)
 
-# SessionOptions field -> query parameter understood by `kyutai-tts serve` (moshi-server ignores them,
-# except `voice`). Sent only when different from the defaults, so the server's defaults apply.
+# SessionOptions field -> query parameter understood by `kyutai-tts serve --allow-client-params` (moshi-server
+# and a default `serve` ignore them). Sent only when different from the defaults, so the server's apply.
 _QUERY_FIELDS = (
     ("temperature", "temperature"),
     ("top_k", "top_k"),
@@ -101,6 +101,19 @@ class RemoteTTS:
     ``api_key``: sent in the ``kyutai-api-key`` header. ``voices``: the names `list_voices` returns
     without asking the server. ``http_session``: an aiohttp session to reuse (default: one per
     speech session, closed with it).
+
+    Which `SessionOptions` a server honours (the others are sent as query parameters and ignored):
+
+    * Kyutai's moshi-server: ``voice`` only (an unknown voice is its default voice, silently);
+      sampling, cfg, ``n_q`` and padding are its own configuration.
+    * ``kyutai-tts serve`` with default options: the same as moshi-server (an unknown voice is the
+      default voice, logged on the server). Started with ``--allow-client-params``, also
+      ``temperature``, ``top_k``, ``top_k_text``, ``seed``, ``cfg_coef`` (sent as ``cfg_alpha``),
+      ``n_q`` and ``padding_bonus``, checked as in-process (a bad value is `InvalidInputError`); with
+      ``--strict-voices`` an unknown voice is `VoiceNotFoundError`.
+
+    ``other_voice`` (dialogs) is refused at once: the protocol has one voice per session. A full
+    server is `EngineFullError` ("no free channels") on every server, raised by the ``async for``.
     """
 
     def __init__(

@@ -1,23 +1,29 @@
 """`kyutai-tts serve`: one engine shared by many agent workers over the network.
 
-The websocket route speaks the protocol of Kyutai's ``moshi-server`` (TTS "Py" module), so Kyutai's own
-clients (Unmute, ``scripts/tts_rust_server.py``) work against it unchanged:
+The websocket route speaks the protocol of Kyutai's ``moshi-server`` (TTS "Py" module), and with default
+options behaves as it does, so Kyutai's own clients (Unmute, ``scripts/tts_rust_server.py``) work against
+it unchanged (docs/moshi-server-protocol.md has the facts, the README the table of differences):
 
-* ``GET /api/tts_streaming`` (websocket). Query: ``voice``, ``format`` (``PcmMessagePack`` or ``Pcm``),
-  ``auth_id``; our extensions ``temperature``, ``top_k``, ``top_k_text``, ``seed``, ``cfg_alpha``
-  (= cfg_coef), ``n_q``, ``padding_bonus``. API key in the ``kyutai-api-key`` header (or ``auth_id``).
-  Client -> server, msgpack maps: ``{"type": "Text", "text": str}`` (whole words; each message ends at a
-  word boundary), ``{"type": "Eos"}``; also a websocket text frame (= Text) and the binary frame
-  ``b"\\0"`` (= Eos). Server -> client: ``Ready``, then ``Text {text, start_s, stop_s}`` (word timings on
-  the audio timeline) and ``Audio {pcm: 1920 float32}`` in order, then a normal close (1000); or
-  ``Error {message, code}`` followed by a close with a reason (every refusal, aiohttp's own included).
-  The engine session (a slot or a queue place) is taken at the first Text: an idle connection holds
-  only its per-key place, until the idle timeout.
+* ``GET /api/tts_streaming`` (websocket). Query: ``voice`` (unknown: the default voice), ``format``
+  (``OggOpus``, the default, ``OggOpusMessagePack``, ``PcmMessagePack``, ``Pcm``), ``auth_id``. Only with
+  ``allow_client_params``, our extensions ``temperature``, ``top_k``, ``top_k_text``, ``seed``,
+  ``cfg_alpha`` (= cfg_coef), ``n_q``, ``padding_bonus``; otherwise ignored, as moshi-server does. API key
+  in the ``kyutai-api-key`` header (or ``auth_id``). Client -> server, msgpack maps: ``{"type": "Voice",
+  "embeddings": [float], "shape": [1, dim, T]}`` (a speaker embedding, before the first Text),
+  ``{"type": "Text", "text": str}`` (whole words; each message ends at a word boundary), ``{"type":
+  "Eos"}``; also a websocket text frame (= Text) and the binary frame ``b"\\0"`` (= Eos). Server ->
+  client: ``Ready``, then ``Text {text, start_s, stop_s}`` (word timings on the audio timeline) and
+  ``Audio {pcm: 1920 float32}`` (or ``OggOpus {data}``) in order, then a normal close (1000); or ``Error
+  {message, code}`` followed by a close with a reason (every refusal, aiohttp's own included). When every
+  engine slot (and queue place, if a queue is configured) is taken, a new connection is refused at once
+  with ``no free channels``. The engine session is taken at the first Text: an idle connection holds only
+  its per-key place. The server pings every ``heartbeat_s``; a pong counts as activity.
 * ``POST /api/tts`` and ``POST /api/tts_streaming``: JSON ``{"text", "voice", ...options}`` or a
   ``text/plain`` body; chunked audio back (``format=wav`` (default, 16-bit), ``pcm`` (s16le),
   ``pcm_f32le``). The body must arrive within ``body_timeout_s``; the whole request lasts at most
   ``max_session_s``, as a websocket session.
-* ``GET /api/health`` (no key needed), ``GET /api/voices``, ``GET /metrics`` (Prometheus text).
+* ``GET /api/health``, ``GET /api/build_info`` and ``GET /api/modules_info`` (no key needed, as
+  moshi-server; Unmute's health check is ``build_info``), ``GET /api/voices``, ``GET /metrics``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
+import platform
 import re
 import struct
 import sys
@@ -37,12 +45,14 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import aiohttp.http_exceptions
 import msgpack
+import numpy as np
 from aiohttp import WSMsgType, web
 
 from .cli import add_engine_arguments, engine_options
@@ -57,6 +67,9 @@ from .errors import (
 from .types import SAMPLE_RATE, AudioChunk, SessionOptions, WordTiming
 
 if TYPE_CHECKING:
+    import av.container
+    import av.stream
+
     from .engine import StreamingSession, TTSEngine
 
 logger = logging.getLogger(__name__)
@@ -64,7 +77,11 @@ logger = logging.getLogger(__name__)
 STREAMING_PATH = "/api/tts_streaming"
 HTTP_PATH = "/api/tts"
 API_KEY_HEADER = "kyutai-api-key"
-FORMATS = ("PcmMessagePack", "Pcm")
+# moshi-server's four formats (`tts.rs` Encoder); OggOpus is its default when the client names none.
+FORMATS = ("OggOpus", "OggOpusMessagePack", "PcmMessagePack", "Pcm")
+DEFAULT_FORMAT = "OggOpus"
+MSGPACK_FORMATS = ("OggOpusMessagePack", "PcmMessagePack")  # the others carry audio only
+OGG_FORMATS = ("OggOpus", "OggOpusMessagePack")
 HTTP_FORMATS = {"wav": "audio/wav", "pcm": "audio/L16; rate=24000; channels=1", "pcm_f32le": "audio/pcm"}
 
 # code -> (websocket close code, HTTP status). The code travels in Error messages as an extension field
@@ -129,9 +146,17 @@ class ServerLimits:
     # After the last audio, how long the client may take to read up to our close frame: socket buffers can
     # hold many seconds of audio for a client that reads at playback speed, and closing early loses it.
     close_timeout_s: float = 60.0
-    # aiohttp drops a peer whose pong is late; a client reading slowly would be cut without a reason, so
-    # this is off by default (the idle and send timeouts already catch dead peers).
-    heartbeat_s: float | None = None
+    # An empty ping every this many seconds, as moshi-server (10 s), so that proxies and NATs keep an idle
+    # connection open; a pong counts as client activity for the idle timeout. No pong deadline (aiohttp's
+    # own heartbeat has one, and would cut a client that reads slowly). None: no pings.
+    heartbeat_s: float | None = 10.0
+    # Kyutai's clients get what moshi-server gives them unless these are changed:
+    allow_client_params: bool = False  # True: honour temperature, cfg_alpha, ... from the client
+    strict_voices: bool = False  # True: an unknown or invalid voice is an Error, not the default voice
+    # A Voice message carries a speaker embedding ([1, 512, 125] float32: ~320 KB of msgpack), far over
+    # max_message_bytes; it may be this large, and its embedding at most max_voice_frames long.
+    max_voice_message_bytes: int = 2 * 1024 * 1024
+    max_voice_frames: int = 250  # 20 s at 12.5 Hz; moshi-server's voice cloning makes 125
 
 
 class Metrics:
@@ -221,6 +246,84 @@ def _pack_audio(pcm: Any) -> bytes:
     return msgpack.packb({"type": "Audio", "pcm": pcm.tolist()}, **_AUDIO_PACKER_OPTS)
 
 
+def _pack_ogg(data: bytes) -> bytes:
+    # moshi-server serializes the page bytes as a Vec<u8> without serde_bytes: an array of integers.
+    return msgpack.packb({"type": "OggOpus", "data": list(data)})
+
+
+class _Sink:
+    """A write-only file object that keeps what the Ogg muxer writes until it is taken."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts.clear()
+        return data
+
+
+class OggOpusStream:
+    """A session's audio as an Ogg/Opus byte stream, sent as moshi-server sends it: 24 kHz mono Opus
+    (VoIP), 40 ms packets, each page written out as soon as it is complete, the header pages (OpusHead,
+    OpusTags) first. Encoding and Ogg muxing are FFmpeg's (PyAV), a maintained implementation."""
+
+    def __init__(self) -> None:
+        try:
+            import av
+        except ImportError:
+            raise ProtocolError(
+                "unsupported",
+                "the Ogg/Opus formats need PyAV on the server (pip install 'kyutai-tts-plugin[server]'); "
+                "or ask for format=PcmMessagePack",
+            ) from None
+        self._av = av
+        self._sink = _Sink()
+        # page_duration 1 us: every packet closes its page, so no audio waits in the muxer for the next
+        # step (the default holds pages for a second).
+        self._out: av.container.OutputContainer = av.open(
+            self._sink, "w", format="ogg", options={"page_duration": "1"}
+        )
+        stream = self._out.add_stream("libopus", rate=SAMPLE_RATE, layout="mono")
+        stream.codec_context.options = {"application": "voip", "frame_duration": "40"}
+        self._stream: av.stream.Stream = stream
+        self._out.start_encoding()
+        self._samples = 0
+        self._closed = False
+
+    def header(self) -> bytes:
+        """The OpusHead and OpusTags pages (written when encoding starts)."""
+        return self._sink.take()
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        """The complete pages after `pcm` (float32 at 24 kHz): the muxer keeps at most one packet."""
+        frame = self._av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(pcm, dtype=np.float32)[None, :], format="flt", layout="mono"
+        )
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = self._samples
+        self._samples += len(pcm)
+        for packet in self._stream.encode(frame):  # type: ignore[attr-defined]
+            self._out.mux(packet)
+        return self._sink.take()
+
+    def finish(self) -> bytes:
+        """The last pages (the encoder's remaining packets and the end-of-stream page)."""
+        for packet in self._stream.encode(None):  # type: ignore[attr-defined]
+            self._out.mux(packet)
+        self.close()
+        return self._sink.take()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._out.close()
+
+
 def _close_reason(message: str) -> bytes:
     # A close reason is at most 123 bytes; cut on a character boundary.
     return message.encode("utf-8")[:123].decode("utf-8", errors="ignore").encode("utf-8")
@@ -245,6 +348,8 @@ class TTSServer:
         given = self.limits.max_sessions_per_key
         self.max_sessions_per_key = given if given is not None else max(1, capacity // 2)
         self.metrics = Metrics()
+        self._speaker_dim: int | None = None
+        self._started_at = datetime.now(timezone.utc)
 
     # -- application --------------------------------------------------------------------------
 
@@ -254,6 +359,8 @@ class TTSServer:
         app.router.add_post(STREAMING_PATH, self._http_handler)
         app.router.add_post(HTTP_PATH, self._http_handler)
         app.router.add_get("/api/health", self._health)
+        app.router.add_get("/api/build_info", self._build_info)
+        app.router.add_get("/api/modules_info", self._modules_info)
         app.router.add_get("/api/voices", self._voices)
         app.router.add_get("/metrics", self._metrics)
         return app
@@ -304,7 +411,10 @@ class TTSServer:
         """Session options from query parameters (strings) or a JSON body (typed values), checked by the
         engine's own validation (without taking a slot); raises `bad_request` naming the parameter."""
         values: dict[str, Any] = {}
-        for field, param, parse in _OPTION_PARAMS:
+        # moshi-server reads only auth_id, format and voice: generation parameters are server settings.
+        # Unmute sends cfg_alpha=1.5 anyway; honouring it would make our speech differ from Kyutai's.
+        honoured = _OPTION_PARAMS if self.limits.allow_client_params else ()
+        for field, param, parse in honoured:
             raw = params.get(param)
             if raw is None or raw == "":
                 continue
@@ -367,12 +477,70 @@ class TTSServer:
         return f"unknown voice {name[:80]!r}{hint}; GET /api/voices lists the available voices"
 
     async def _prepare(self, options: SessionOptions) -> SessionOptions:
-        """Check the voice (at connect time, before any text); the options are already validated."""
+        """Check the voice (at connect time, before any text); the options are already validated. An
+        unknown or invalid voice is the default voice, as in moshi-server (an Error if `strict_voices`)."""
         if options.voice is not None:
-            bare = self._check_voice_name(options.voice)
-            await asyncio.to_thread(self._resolve_voice, bare)
+            try:
+                bare = self._check_voice_name(options.voice)
+                await asyncio.to_thread(self._resolve_voice, bare)
+            except ProtocolError as e:
+                if self.limits.strict_voices:
+                    raise
+                logger.info("%s; using the default voice %r", e.message, self.engine.default_voice)
+                return replace(options, voice=None)
             options = replace(options, voice=bare)
         return options
+
+    def _get_speaker_dim(self) -> int:
+        """Channels of the model's speaker embeddings, read from the default voice's file (blocking)."""
+        if self._speaker_dim is None:
+            from .checkpoint import load_safetensors
+
+            path = self.engine.voices.resolve(self.engine.default_voice)
+            self._speaker_dim = int(load_safetensors(path)["speaker_wavs"].shape[1])
+        return self._speaker_dim
+
+    async def _register_voice(self, message: Mapping[str, Any]) -> str:
+        """The voice name of a `Voice` message's embedding (moshi-server's voice cloning output: C-order
+        float32 values and their shape [1, dim, T]); raises `malformed_message` / `invalid_voice`."""
+        values, shape = message.get("embeddings"), message.get("shape")
+        if (
+            not isinstance(values, list)
+            or not isinstance(shape, list)
+            or not all(type(d) is int for d in shape)  # no bools, no floats
+        ):
+            raise ProtocolError(
+                "malformed_message",
+                "malformed Voice message: expected {'type': 'Voice', 'embeddings': [float, ...], "
+                "'shape': [1, dim, T]}",
+            )
+        dim = await asyncio.to_thread(self._get_speaker_dim)
+        frames = self.limits.max_voice_frames
+        if len(shape) != 3 or shape[0] != 1 or shape[1] != dim or not 1 <= shape[2] <= frames:
+            raise ProtocolError(
+                "invalid_voice",
+                f"invalid Voice embedding shape {shape[:8]}: this model takes [1, {dim}, T] with 1 <= T <= "
+                f"{frames} (moshi-server's voice cloning makes [1, {dim}, 125])",
+            )
+        if len(values) != math.prod(shape):
+            raise ProtocolError(
+                "invalid_voice",
+                f"invalid Voice message: {len(values)} values for shape {shape} "
+                f"({math.prod(shape)} expected)",
+            )
+        if not all(type(v) is float or type(v) is int for v in values):
+            raise ProtocolError(
+                "invalid_voice", "invalid Voice message: the embeddings must be float32 numbers"
+            )
+        wide = np.asarray(values, dtype=np.float64)  # float32 overflow is found here, without a warning
+        if not np.isfinite(wide).all() or np.abs(wide).max() > np.finfo(np.float32).max:
+            raise ProtocolError(
+                "invalid_voice", "invalid Voice message: the embeddings must be finite numbers"
+            )
+        import torch
+
+        array = wide.astype(np.float32).reshape(shape)
+        return await asyncio.to_thread(self.engine.voices.register_embedding, torch.from_numpy(array))
 
     def _start(self, options: SessionOptions) -> StreamingSession:
         """Take an engine session (a slot or a queue place)."""
@@ -423,21 +591,27 @@ class TTSServer:
     # -- websocket route ----------------------------------------------------------------------
 
     async def _ws_handler(self, request: web.Request) -> web.StreamResponse:
+        limits = self.limits
         ws = _ReportingWebSocket(
             compress=False,  # float audio does not compress; deflate would only cost CPU
             # aiohttp's own limit is a backstop above ours, so that a message over our limit gets a
             # protocol Error first; over the backstop, _ReportingWebSocket still says why.
-            max_msg_size=4 * self.limits.max_message_bytes,
-            heartbeat=self.limits.heartbeat_s,
-            timeout=self.limits.close_timeout_s,
+            # A Voice message may be larger (max_voice_message_bytes), with the same margin for our Error.
+            max_msg_size=max(
+                4 * limits.max_message_bytes, limits.max_voice_message_bytes + limits.max_message_bytes
+            ),
+            # _ws_read answers pings and sees pongs itself, so that a pong restarting the idle wait is ours
+            # to guarantee (not a detail of how aiohttp times its reads); _ping sends the pings.
+            autoping=False,
+            timeout=limits.close_timeout_s,
         )
         try:
             key = self._authenticate(request)
-            fmt = request.query.get("format") or "PcmMessagePack"
+            fmt = request.query.get("format") or DEFAULT_FORMAT
             if fmt not in FORMATS:
                 raise ProtocolError(
                     "bad_request",
-                    f"unsupported format {fmt[:40]!r}: this server sends {' or '.join(FORMATS)}",
+                    f"unsupported format {fmt[:40]!r}: this server sends {', '.join(FORMATS)}",
                 )
             if not ws.can_prepare(request).ok:
                 raise ProtocolError(
@@ -445,13 +619,16 @@ class TTSServer:
                 )
         except ProtocolError as e:
             return self._http_error(e)
-        ws.reporting = (fmt == "PcmMessagePack", self.limits.max_message_bytes, self.metrics)
+        ws.reporting = (fmt in MSGPACK_FORMATS, limits.max_message_bytes, self.metrics)
         await ws.prepare(request)
-        conn = _Connection(ws, fmt == "PcmMessagePack", self.limits)
+        conn = _Connection(ws, fmt, limits)
         self.metrics.connections += 1
         try:
+            self._check_capacity()
             with self._key_slot(key):
                 options = await self._prepare(self._options(request.query))
+                if fmt in OGG_FORMATS:
+                    conn.ogg = OggOpusStream()
                 await self._ws_serve(conn, options)
         except ProtocolError as e:
             self.metrics.errors[e.code] += 1
@@ -464,16 +641,32 @@ class TTSServer:
             await conn.fail(ProtocolError("internal_error", "internal server error"))
         finally:
             self.metrics.connections -= 1
+            if conn.ogg is not None:
+                conn.ogg.close()
         return ws
+
+    def _check_capacity(self) -> None:
+        """moshi-server refuses a connection at once when no channel is free (Unmute then tries another
+        server); a queue exists only if the engine was given one (`max_waiting`, opt-in for serve)."""
+        engine = self.engine
+        if engine.active_sessions >= engine.max_sessions + engine.max_waiting:
+            raise ProtocolError(
+                "no_free_channels",
+                f"no free channels: all {engine.max_sessions} engine slots are taken; retry later",
+            )
 
     async def _ws_serve(self, conn: _Connection, options: SessionOptions) -> None:
         """Ready, then the engine session from the first Text on (an idle connection holds no slot)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.max_session_s
         opened: asyncio.Future[StreamingSession | None] = loop.create_future()
-        reader = writer = None
+        reader = writer = pinger = None
         try:
             await conn.send_message({"type": "Ready"})
+            if conn.ogg is not None:
+                await conn.send_ogg(conn.ogg.header())  # moshi-server sends it with the channel
+            if self.limits.heartbeat_s:
+                pinger = asyncio.create_task(self._ping(conn, self.limits.heartbeat_s))
             writer = asyncio.create_task(self._ws_write(conn, opened))
             reader = asyncio.create_task(self._ws_read(conn, options, opened, deadline))
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -482,6 +675,7 @@ class TTSServer:
                 # receive() drops the TCP connection without waiting for the client's close frame, and a
                 # client still reading buffered audio would then see an abnormal close (1006).
                 await _stop(reader)
+                await _stop(pinger)
                 await conn.close(1000, b"")
                 if opened.result() is not None:
                     self.metrics.sessions["completed"] += 1
@@ -494,8 +688,19 @@ class TTSServer:
                 self.metrics.sessions["cancelled"] += 1
         finally:
             _cancel(opened)
+            await _stop(pinger)
             await _stop(reader)
             await _stop(writer)
+
+    @staticmethod
+    async def _ping(conn: _Connection, interval: float) -> None:
+        """An empty ping every `interval` s for the whole session, as moshi-server; no pong deadline."""
+        while not conn.ws.closed:
+            await asyncio.sleep(interval)
+            try:
+                await conn.ws.ping(b"")
+            except (ConnectionError, RuntimeError):
+                return
 
     async def _ws_read(
         self,
@@ -530,9 +735,23 @@ class TTSServer:
             if msg.type == WSMsgType.ERROR:
                 # aiohttp refused a frame; _ReportingWebSocket already sent the Error and closed
                 raise _ClientGone()
-            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            if msg.type == WSMsgType.PING:
+                try:
+                    await conn.ws.pong(msg.data)
+                except (ConnectionError, RuntimeError):
+                    raise _ClientGone() from None
                 continue
-            kind, text = self._parse(msg.type, msg.data)
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                continue  # a pong: the client is alive, and the idle wait starts again
+            kind, text, voice = self._parse(msg.type, msg.data)
+            if kind == "voice":
+                if session is not None or flushed:
+                    # moshi-server takes a voice with the first Text only; a later one would be ignored
+                    raise ProtocolError(
+                        "bad_request", "a Voice message must come before the first Text (and before Eos)"
+                    )
+                options = replace(options, voice=await self._register_voice(voice))
+                continue
             if kind == "eos":
                 if not flushed:
                     if session is not None:
@@ -558,41 +777,52 @@ class TTSServer:
                 # moshi-server splits each message into whole words: the end of a message ends a word.
                 await self._push(session, text + " ")
 
-    def _parse(self, kind: WSMsgType, data: str | bytes) -> tuple[str, str]:
+    def _parse(self, kind: WSMsgType, data: str | bytes) -> tuple[str, str, dict[str, Any]]:
+        """(kind, text, Voice message) of a client message: kind is "text", "eos" or "voice"."""
+        limit = self.limits.max_message_bytes
         size = len(data.encode("utf-8")) if isinstance(data, str) else len(data)
-        if size > self.limits.max_message_bytes:
+        # Only a Voice message may be larger (a speaker embedding); others are refused before decoding.
+        biggest = limit if kind == WSMsgType.TEXT else max(limit, self.limits.max_voice_message_bytes)
+        if size > biggest:
+            voice = "" if biggest == limit else f" (Voice messages: {biggest} bytes)"
             raise ProtocolError(
-                "message_too_large",
-                f"message of {size} bytes exceeds the limit of {self.limits.max_message_bytes} bytes",
+                "message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes{voice}"
             )
         if kind == WSMsgType.TEXT:
-            return "text", str(data)
+            return "text", str(data), {}
         assert isinstance(data, bytes)
         if data == b"\0":
-            return "eos", ""
+            return "eos", "", {}
         try:
             obj = msgpack.unpackb(data, raw=False)
         except Exception:
             obj = None
+        is_voice = isinstance(obj, dict) and obj.get("type") == "Voice"
+        if size > limit and not is_voice:
+            raise ProtocolError(
+                "message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes"
+            )
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             raise ProtocolError(
                 "malformed_message", "malformed message: expected a msgpack map with a 'type'"
             )
+        if is_voice:
+            if size > self.limits.max_voice_message_bytes:
+                raise ProtocolError(
+                    "message_too_large",
+                    f"Voice message of {size} bytes exceeds the limit of "
+                    f"{self.limits.max_voice_message_bytes} bytes",
+                )
+            return "voice", "", obj
         if obj["type"] == "Eos":
-            return "eos", ""
+            return "eos", "", {}
         if obj["type"] == "Text":
             text = obj.get("text")
             if not isinstance(text, str):
                 raise ProtocolError("malformed_message", "malformed Text message: 'text' must be a string")
-            return "text", text
-        if obj["type"] == "Voice":
-            raise ProtocolError(
-                "unsupported",
-                "Voice messages (custom voice embeddings) are not supported by this server; pass a voice "
-                "name in the voice query parameter",
-            )
+            return "text", text, {}
         raise ProtocolError(
-            "malformed_message", f"unknown message type {obj['type'][:40]!r}: expected Text or Eos"
+            "malformed_message", f"unknown message type {obj['type'][:40]!r}: expected Text, Voice or Eos"
         )
 
     async def _ws_write(self, conn: _Connection, opened: asyncio.Future[StreamingSession | None]) -> None:
@@ -601,7 +831,9 @@ class TTSServer:
             return
         async for event in self._events(session):
             if isinstance(event, AudioChunk):
-                if conn.msgpack:
+                if conn.ogg is not None:
+                    await conn.send_ogg(conn.ogg.encode(event.pcm))
+                elif conn.msgpack:
                     await conn.send(_pack_audio(event.pcm))
                 else:
                     await conn.send(event.pcm.astype("<f4").tobytes())
@@ -610,6 +842,8 @@ class TTSServer:
                 await conn.send_message(
                     {"type": "Text", "text": event.word, "start_s": event.start_s, "stop_s": event.end_s}
                 )
+        if conn.ogg is not None:
+            await conn.send_ogg(conn.ogg.finish())  # the last packet and the end-of-stream page
 
     # -- HTTP routes --------------------------------------------------------------------------
 
@@ -742,6 +976,43 @@ class TTSServer:
             status=200 if healthy else 503,
         )
 
+    async def _build_info(self, request: web.Request) -> web.Response:
+        """moshi-server's build information route, with its field names (Unmute's health check wants a
+        200; the values, compile-time strings there, describe this server here)."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("kyutai-tts-plugin")
+        except PackageNotFoundError:
+            ours = "unknown"
+        started = self._started_at
+        target = f"{platform.machine()}-{platform.system().lower()}"
+        return web.json_response(
+            {
+                "build_timestamp": started.isoformat(),
+                "build_date": started.date().isoformat(),
+                "git_branch": "unknown",
+                "git_timestamp": "unknown",
+                "git_date": "unknown",
+                "git_hash": "unknown",
+                "git_describe": f"kyutai-tts-plugin {ours}",
+                "rustc_host_triple": target,
+                "rustc_version": f"python {platform.python_version()}",
+                "cargo_target_triple": target,
+            }
+        )
+
+    async def _modules_info(self, request: web.Request) -> web.Response:
+        """moshi-server's list of modules (values are strings there too)."""
+        module = {
+            "type": "py",
+            "path": STREAMING_PATH,
+            "script": "kyutai-tts",
+            "used_slots": str(self.engine.active_sessions),
+            "total_slots": str(self.engine.max_sessions),
+        }
+        return web.json_response([module])
+
     async def _voices(self, request: web.Request) -> web.Response:
         try:
             self._authenticate(request)
@@ -761,9 +1032,10 @@ class TTSServer:
 class _Connection:
     """One websocket and its format, with bounded sends and a single final Error/close."""
 
-    def __init__(self, ws: web.WebSocketResponse, use_msgpack: bool, limits: ServerLimits) -> None:
+    def __init__(self, ws: web.WebSocketResponse, fmt: str, limits: ServerLimits) -> None:
         self.ws = ws
-        self.msgpack = use_msgpack
+        self.msgpack = fmt in MSGPACK_FORMATS
+        self.ogg: OggOpusStream | None = None  # set for the Ogg formats
         self.send_timeout_s = limits.send_timeout_s
         self.close_timeout_s = limits.close_timeout_s
 
@@ -780,8 +1052,13 @@ class _Connection:
             raise _ClientGone() from None
 
     async def send_message(self, message: Mapping[str, Any]) -> None:
-        if self.msgpack:  # the raw Pcm format carries audio only (as moshi-server)
+        if self.msgpack:  # the raw Pcm and OggOpus formats carry audio only (as moshi-server)
             await self.send(_pack(message))
+
+    async def send_ogg(self, pages: bytes) -> None:
+        """Ogg pages: raw bytes (OggOpus) or an OggOpus message (OggOpusMessagePack)."""
+        if pages:  # the muxer may hold a step's only packet until the next one
+            await self.send(_pack_ogg(pages) if self.msgpack else pages)
 
     async def close(self, code: int, reason: bytes) -> None:
         if not self.ws.closed:
@@ -948,9 +1225,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api-key-file", type=Path, help="file with one accepted API key per line")
     parser.add_argument("--max-sessions", type=int, default=8, help="engine slots (batch size, default 8)")
-    parser.add_argument("--max-waiting", type=int, default=16, help="sessions queued for a slot (default 16)")
     parser.add_argument(
-        "--queue-timeout", type=float, default=30.0, help="seconds a session may wait for a slot"
+        "--max-waiting",
+        type=int,
+        default=0,
+        help="sessions queued for a slot (default 0: when every slot is taken, a client is refused at once "
+        "with 'no free channels', as moshi-server; Unmute then tries another server)",
+    )
+    parser.add_argument(
+        "--queue-timeout", type=float, default=30.0, help="seconds a queued session may wait for a slot"
+    )
+    parser.add_argument(
+        "--allow-client-params",
+        action="store_true",
+        help="honour the client's temperature, top_k, top_k_text, seed, cfg_alpha, n_q, padding_bonus "
+        "(default: ignored, as moshi-server, which reads only auth_id, format and voice)",
+    )
+    parser.add_argument(
+        "--strict-voices",
+        action="store_true",
+        help="refuse an unknown voice with an Error (default: use the default voice, as moshi-server)",
+    )
+    parser.add_argument(
+        "--ping-interval",
+        type=float,
+        default=d.heartbeat_s,
+        help="seconds between server pings (default 10, as moshi-server; 0: no pings)",
     )
     parser.add_argument(
         "--max-buffered",
@@ -1007,6 +1307,9 @@ def limits_from(args: argparse.Namespace) -> ServerLimits:
         max_session_s=args.max_session_seconds,
         send_timeout_s=args.send_timeout,
         body_timeout_s=args.body_timeout,
+        heartbeat_s=args.ping_interval or None,
+        allow_client_params=args.allow_client_params,
+        strict_voices=args.strict_voices,
     )
 
 

@@ -43,8 +43,42 @@ async def backend(request: pytest.FixtureRequest, tiny_engine):
         yield tiny_engine
         return
     from kyutai_tts_plugin.remote import RemoteTTS
-    from kyutai_tts_plugin.server import start_server
+    from kyutai_tts_plugin.server import ServerLimits, start_server
 
-    server = await start_server(tiny_engine)
+    # the adapters' tests compare greedy output: the server must honour the client's options
+    server = await start_server(tiny_engine, limits=ServerLimits(allow_client_params=True))
     yield RemoteTTS(server.url)
     await server.close()
+
+
+# The API key of the servers `make_server` starts (test_server*.py send it).
+SERVER_TEST_KEY = "test-key-0123456789"
+
+
+@pytest.fixture
+async def make_server(tiny_engine):
+    """``await make_server(api_keys=..., **ServerLimits fields)``: our server on the tiny engine, closed
+    after the test, which then waits until the engine has no session left. Client generation parameters
+    are honoured unless a test says otherwise (``allow_client_params=False``, moshi-server's default), so
+    that greedy output can be compared with in-process synthesis."""
+    import asyncio
+    import time
+
+    from kyutai_tts_plugin.server import ServerLimits, start_server
+    from kyutai_tts_plugin.testing import HANG_GUARD_S
+
+    servers = []
+
+    async def start(api_keys=(SERVER_TEST_KEY,), **limits):
+        limits.setdefault("allow_client_params", True)
+        server = await start_server(tiny_engine, api_keys=api_keys, limits=ServerLimits(**limits))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while tiny_engine.active_sessions:
+        assert time.monotonic() < deadline, "an engine session was never closed"
+        await asyncio.sleep(0.005)

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,37 +29,21 @@ from kyutai_tts_plugin.errors import (
 from kyutai_tts_plugin.remote import RemoteError, RemoteTTS, streaming_url
 from kyutai_tts_plugin.server import (
     RunningServer,
-    ServerLimits,
     add_serve_arguments,
     api_keys_from,
     limits_from,
-    start_server,
 )
 from kyutai_tts_plugin.testing import HANG_GUARD_S, TEST_VOICES, StepGate
 from kyutai_tts_plugin.types import AudioChunk, SessionOptions, WordTiming
+from tests.conftest import SERVER_TEST_KEY
 
-KEY = "test-key-0123456789"
+KEY = SERVER_TEST_KEY
 HEADERS = {"kyutai-api-key": KEY}
 TEXT = "Hello world, this is a test of the server."
 GREEDY = SessionOptions(temperature=0.0, n_q=8)
-GREEDY_QUERY = "temperature=0&n_q=8"
+GREEDY_QUERY = "format=PcmMessagePack&temperature=0&n_q=8"
 
 StartServer = Callable[..., Awaitable[RunningServer]]
-
-
-@pytest.fixture
-async def make_server(tiny_engine: Any) -> AsyncIterator[StartServer]:
-    servers: list[RunningServer] = []
-
-    async def start(api_keys: tuple[str, ...] = (KEY,), **limits: Any) -> RunningServer:
-        server = await start_server(tiny_engine, api_keys=api_keys, limits=ServerLimits(**limits))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
-    await wait_idle(tiny_engine)
 
 
 @pytest.fixture
@@ -112,6 +96,8 @@ def reference(engine: Any, text: str = TEXT, options: SessionOptions = GREEDY) -
 async def ws_session(
     server: RunningServer, query: str = GREEDY_QUERY, headers: dict[str, str] = HEADERS
 ) -> aiohttp.ClientWebSocketResponse:
+    if "format=" not in query:
+        query = f"format=PcmMessagePack&{query}"  # the Error messages these tests read are msgpack
     http = aiohttp.ClientSession()
     try:
         ws = await http.ws_connect(f"{server.url}/api/tts_streaming?{query}", headers=headers)
@@ -188,7 +174,7 @@ async def test_websocket_round_trip_equals_in_process(server: RunningServer, tin
 async def test_text_frames_nul_eos_and_raw_pcm_format(server: RunningServer, tiny_engine: Any) -> None:
     """moshi-server also takes websocket text frames and a b"\\0" Eos; format=Pcm is raw float32 LE."""
     want = reference(tiny_engine)
-    ws = await ws_session(server, f"format=Pcm&{GREEDY_QUERY}")
+    ws = await ws_session(server, "format=Pcm&temperature=0&n_q=8")
     await ws.send_str(TEXT)
     await ws.send_bytes(b"\0")
     frames = []
@@ -289,7 +275,12 @@ async def expect_error(
         (msgpack.packb({"text": "no type"}), "malformed_message", 1003, "'type'"),
         (msgpack.packb({"type": "Dance"}), "malformed_message", 1003, "unknown message type 'Dance'"),
         (msgpack.packb({"type": "Text", "text": 42}), "malformed_message", 1003, "'text' must be a string"),
-        (msgpack.packb({"type": "Voice", "embeddings": [0.0], "shape": [1]}), "unsupported", 1003, "voice"),
+        (
+            msgpack.packb({"type": "Voice", "embeddings": [0.0], "shape": [1]}),
+            "invalid_voice",
+            1008,
+            "[1, 32, T]",
+        ),
         (b"x" * 5000, "message_too_large", 1009, "exceeds the limit of 4096 bytes"),
     ],
 )
@@ -340,6 +331,8 @@ async def test_sessions_per_key_limit(make_server: StartServer) -> None:
     await expect_error(second, "too_many_sessions", 1013, "limit 1")
     await first.send_bytes(msgpack.packb({"type": "Eos"}))
     await finish(first)
+    # the server's handler ends just after the close handshake that ended `finish`
+    await until(lambda: server.server.metrics.connections == 0, "both connections ended")
     third = await ws_session(server)  # the slot of the first is free again
     await third.send_bytes(msgpack.packb({"type": "Eos"}))
     assert (await finish(third))[1] == 1000
@@ -361,7 +354,8 @@ async def test_sessions_per_key_limit(make_server: StartServer) -> None:
         ("voice=a%5Cb", "invalid_voice", "invalid voice name"),
     ],
 )
-async def test_bad_query(server: RunningServer, query: str, code: str, contains: str) -> None:
+async def test_bad_query(make_server: StartServer, query: str, code: str, contains: str) -> None:
+    server = await make_server(strict_voices=True)  # default: such voices are the default voice
     ws = await ws_session(server, query)
     error = await expect_error(ws, code, 1008, contains)
     assert "/tmp" not in error["message"] and "tiny-checkpoint" not in error["message"]
@@ -415,7 +409,7 @@ async def test_unauthenticated_client_is_refused(server: RunningServer) -> None:
 
 async def test_unsupported_format_and_plain_get(server: RunningServer) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-        await ws_session(server, "format=OggOpus")
+        await ws_session(server, "format=mp3")
     assert info.value.status == 400
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{server.http_url}/api/tts_streaming", headers=HEADERS) as resp:
@@ -465,7 +459,7 @@ async def test_http_streaming_wav_and_pcm(server: RunningServer, tiny_engine: An
 
 
 async def test_http_errors(make_server: StartServer) -> None:
-    server = await make_server(max_message_bytes=1000, max_text_chars=50)
+    server = await make_server(max_message_bytes=1000, max_text_chars=50, strict_voices=True)
     async with aiohttp.ClientSession(headers=HEADERS) as http:
         cases = [
             ({"data": "x" * 2000}, 413, "message_too_large"),
@@ -607,7 +601,8 @@ async def test_remote_push_from_another_thread(server: RunningServer, tiny_engin
     assert_close_audio(pcm, want.pcm)
 
 
-async def test_remote_errors_map_to_engine_errors(server: RunningServer) -> None:
+async def test_remote_errors_map_to_engine_errors(make_server: StartServer) -> None:
+    server = await make_server(strict_voices=True)
     remote = RemoteTTS(server.url, api_key=KEY)
     session = remote.open_session(SessionOptions(voice="nobody"))
     session.push_text("hi")

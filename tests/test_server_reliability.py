@@ -7,7 +7,6 @@ import asyncio
 import logging
 import shutil
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import msgpack
 import pytest
 
 from kyutai_tts_plugin.engine import StreamingSession, TTSEngine
-from kyutai_tts_plugin.server import RunningServer, ServerLimits, _without_paths, start_server
+from kyutai_tts_plugin.server import RunningServer, _without_paths, start_server
 from kyutai_tts_plugin.testing import HANG_GUARD_S, StepGate
 from tests.test_server import (
     GREEDY_QUERY,
@@ -26,26 +25,10 @@ from tests.test_server import (
     expect_error,
     finish,
     until,
-    wait_idle,
     ws_session,
 )
 
 LONG_TEXT = "one two three four five six seven eight nine ten"
-
-
-@pytest.fixture
-async def make_server(tiny_engine: Any) -> AsyncIterator[StartServer]:
-    servers: list[RunningServer] = []
-
-    async def start(api_keys: tuple[str, ...] = (KEY,), **limits: Any) -> RunningServer:
-        server = await start_server(tiny_engine, api_keys=api_keys, limits=ServerLimits(**limits))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
-    await wait_idle(tiny_engine)
 
 
 # query parameter -> words of the Error message (the field and its accepted range)
