@@ -991,7 +991,11 @@ class TTSEngine:
             chunks[i] = AudioChunk(pcm_np[j], index * FRAME_DURATION_S)
 
         observed: list[SessionStep] = []
+        # Being stepped is progress (idle_timeout_s counts waiting for text or a reader, not a slow
+        # or compiling step).
+        stepped_at = self._timeout_clock()
         for i, (s, r) in enumerate(zip(sessions, runs_, strict=True)):
+            s._active_at = stepped_at
             if self._observers:
                 observed.append(
                     SessionStep(s.id, r.step, sampled_all[i], fed[i], tuple(audio_host[i]), r.dsm_state)
