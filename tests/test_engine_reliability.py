@@ -254,6 +254,10 @@ def test_idle_sessions_holding_a_slot_are_ended(tiny_checkpoint: Path):
         busy = engine.open_session(GREEDY)
         busy.push_text("a few words here")
         wait_until(engine, lambda: all(s.run is not None for s in (silent, unread, busy)), "three slots")
+        # Being stepped is progress: move the clock once the unread session has stopped being stepped.
+        limit = engine.max_buffered_frames
+        assert limit is not None
+        wait_until(engine, lambda: unread._buffered() >= limit, "the unread session is paused by its reader")
         clock.now += 61
         busy.push_text(" more")  # progress: this one stays
         engine._notify_worker()
