@@ -6,6 +6,7 @@ the test; the only waits are HANG_GUARD_S guards, reached only when a test fails
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import shutil
 import threading
@@ -348,4 +349,30 @@ def test_open_session_does_not_wait_for_a_hub_voice(tiny_checkpoint: Path):
     finally:
         gate.set()
         recorder.close()
+        engine.close()
+
+
+async def test_server_health_reports_an_unhealthy_engine(tiny_checkpoint: Path):
+    import aiohttp
+
+    from kyutai_tts_plugin.server import start_server
+
+    engine = make_engine(tiny_checkpoint, max_sessions=1)
+    server = await start_server(engine)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(server.http_url + "/api/health") as resp:
+                assert resp.status == 200 and (await resp.json())["status"] == "ok"
+            engine.generator = _FailingGenerator(engine.generator, ())  # type: ignore[assignment]
+            with engine._cv:
+                sessions = [engine.open_session(GREEDY) for _ in range(3)]
+                for s in sessions:
+                    s.push_text(TEXT)
+                    s.flush()
+            for s in sessions:
+                await asyncio.to_thread(outcome, s)
+            async with http.get(server.http_url + "/api/health") as resp:
+                assert resp.status == 503 and (await resp.json())["status"] == "unhealthy"
+    finally:
+        await server.close()
         engine.close()
