@@ -82,8 +82,8 @@ def our_steps(ours: LMModel, mimi: MimiModel, batch: int, n_q: int, compile: boo
         gen.join(row, SlotSettings(0.6, 250, 0.6, 25, n_q, 0.0, seed=row), cond, kv)
     while True:
         t0 = time.perf_counter()
-        sampled = gen.text_step(batch, 25)
-        gen.audio_step(sampled, n_q, 250, [])
+        sampled = gen.text_step(batch)
+        gen.audio_step(sampled, n_q, [])
         yield time.perf_counter() - t0
 
 

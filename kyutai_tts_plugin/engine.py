@@ -966,9 +966,7 @@ class TTSEngine:
         gen = self.generator
         # Every slot of the span is computed; those not in `sessions` are masked (fed -1).
         span = gen.span_for(r.row for r in runs_)
-        sampled_span = gen.text_step(
-            span, _max_top_k([r.settings for r in runs_], text=True, vocab=self.model.shape.text_card)
-        )
+        sampled_span = gen.text_step(span)
         sampled_all = [sampled_span[r.row] for r in runs_]
         fed = [self.machine.process(r.step, r.dsm_state, t) for r, t in zip(runs_, sampled_all, strict=True)]
         fed_span = [-1] * span
@@ -981,7 +979,6 @@ class TTSEngine:
         audio_span, pcm_np = gen.audio_step(
             fed_span,
             max((r.settings.n_q for r in deep), default=0),
-            _max_top_k([r.settings for r in deep], text=False, vocab=self.model.shape.card),
             [runs_[i].row for i in decode],
         )
         audio_host = audio_span[[r.row for r in runs_]].tolist()
@@ -1074,17 +1071,6 @@ class TTSEngine:
             out.append(WordTiming(word, start, end_step * FRAME_DURATION_S, text))
             r.words_timed += 1
         return out
-
-
-def _max_top_k(settings: Sequence[SlotSettings], text: bool, vocab: int) -> int:
-    """The largest effective top-k among the sampled rows (the whole vocabulary for top-k 0)."""
-    best = 1
-    for st in settings:
-        k = st.top_k_text if text else st.top_k
-        t = st.temperature_text if text else st.temperature
-        if t > 0:
-            best = max(best, vocab if k <= 0 else min(k, vocab))
-    return best
 
 
 def _collect(session: StreamingSession, on_chunk: Callable[[AudioChunk], None] | None) -> Synthesis:

@@ -10,7 +10,7 @@ A step runs the first `span` slots, `span` taken from a few batch buckets (power
 is empty is computed and masked, never removed, as the reference's `exec_mask` does. Slots are handed
 out lowest first, so the span follows the number of sessions. The two halves of a step, backbone
 (+ text sampling) and depformer (+ audio sampling and the slots' bookkeeping), are pure tensor
-programs of static shape for a given (span, top-k bucket, n_q): `compile=True` compiles each with
+programs of static shape for a given (span, n_q): `compile=True` compiles each with
 `torch.compile(fullgraph=True)`, with CUDA graphs on a CUDA device. Mimi decodes the rows due a frame
 in one eager call.
 
@@ -34,7 +34,7 @@ from .lm import LMModel, LMState, backbone_step, depformer_step
 from .mimi import MimiModel, MimiStreamingDecoder
 from .sampling import exponential_noise, sample, sample_with_noise, stream_keys, to_seed
 
-# Compiled variants per half: batch buckets x top-k buckets x n_q values in use.
+# Compiled variants per half: batch buckets x n_q values in use.
 COMPILE_VARIANTS = 64
 
 
@@ -44,15 +44,6 @@ def batch_buckets(max_sessions: int) -> list[int]:
     while out[-1] * 2 < max_sessions:
         out.append(out[-1] * 2)
     return sorted({*out, max_sessions})
-
-
-def top_k_bucket(k: int, vocab: int) -> int:
-    """The static top-k a step sorts to: a power of two >= `k` (at most the vocabulary), so a few
-    compiled variants cover every mix of sessions; each row still keeps only its own top-k."""
-    b = 1
-    while b < k:
-        b *= 2
-    return min(b, vocab)
 
 
 @dataclass(frozen=True)
@@ -184,19 +175,19 @@ class Generator:
         return next(b for b in self.buckets if b > last)
 
     @torch.no_grad()
-    def text_step(self, span: int, max_top_k_text: int) -> list[int]:
+    def text_step(self, span: int) -> list[int]:
         """Backbone step of slots 0..span-1; returns their sampled text tokens (host sync 1).
 
         Only the slots the caller then feeds in `audio_step` advance: for the others this step is
         computed and forgotten.
         """
-        hidden, keys, sampled = self._text(span, top_k_bucket(max_top_k_text, self.text_vocab))
+        hidden, keys, sampled = self._text(span)
         self._pending = _Pending(span, hidden, keys)
         return sampled.tolist()
 
     @torch.no_grad()
     def audio_step(
-        self, fed: Sequence[int], n_q: int, max_top_k: int, decode: Sequence[int]
+        self, fed: Sequence[int], n_q: int, decode: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Finish the step. `fed`: per slot of the span, the text token the state machine fed, or -1
         for a slot that does not advance. Runs the depformer on the span up to `n_q` codebooks (none
@@ -212,8 +203,7 @@ class Generator:
         if len(fed) != span:
             raise ValueError(f"fed has {len(fed)} slots, the step spans {span}")
         fed_t = torch.tensor(list(fed), dtype=torch.long).to(self.device, non_blocking=True)
-        k = top_k_bucket(max_top_k, self.audio_vocab)
-        audio, semantic = self._audio(span, n_q, k, pending.hidden, pending.keys, fed_t)
+        audio, semantic = self._audio(span, n_q, pending.hidden, pending.keys, fed_t)
         if n_q == 0:
             return np.full((span, self.dep_q), -1, dtype=np.int32), np.zeros(
                 (0, self.mimi.frame_size), np.float32
@@ -233,7 +223,7 @@ class Generator:
 
     # -- the two halves as pure tensor programs (compiled with compile=True) --------------------
 
-    def _text_tensors(self, span: int, k_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _text_tensors(self, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         step = self.step[:span]
         prev = self.prev[:span]
         tokens = torch.where(step[:, None] <= self.delays[None], self.initial[None], prev)
@@ -242,11 +232,14 @@ class Generator:
         bonus[:, dsm.PAD] = self.padding_bonus[:span]
         logits = (logits.float() + bonus).to(logits.dtype)
         keys = stream_keys(self.seed[:span], step, self.streams)
-        sampled = sample(logits, self.temperature_text[:span], self.top_k_text[:span], keys[:, 0], k_text)
+        # Each row's top-k over the whole sorted vocabulary: its draw never depends on other rows.
+        sampled = sample(
+            logits, self.temperature_text[:span], self.top_k_text[:span], keys[:, 0], self.text_vocab
+        )
         return hidden, keys, sampled
 
     def _audio_tensors(
-        self, span: int, n_q: int, k_audio: int, hidden: torch.Tensor, keys: torch.Tensor, fed: torch.Tensor
+        self, span: int, n_q: int, hidden: torch.Tensor, keys: torch.Tensor, fed: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         active = fed >= 0
         step = self.step[:span]
@@ -259,7 +252,7 @@ class Generator:
 
             def choose(q: int, logits: torch.Tensor) -> torch.Tensor:
                 tok = sample_with_noise(
-                    logits, temp, top_k, lambda entries: noise[:, q].gather(-1, entries), k_audio
+                    logits, temp, top_k, lambda entries: noise[:, q].gather(-1, entries), self.audio_vocab
                 )
                 return torch.where(row_nq > q, tok, torch.full_like(tok, -1))  # past the row's n_q: none
 

@@ -103,7 +103,12 @@ def sample_with_noise(
     probs = torch.softmax(logits.float() / torch.where(temp > 0, temp, torch.ones_like(temp))[..., None], -1)
     k_max = max(1, min(max_top_k, vocab))
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=k_max)
-    values, entries = torch.topk(probs, k_max, dim=-1)
+    if k_max == vocab:
+        # Every row sorts the whole vocabulary (the engine's case): a row's candidates then never
+        # depend on the other rows of its batch, ties included.
+        values, entries = torch.sort(probs, dim=-1, descending=True, stable=True)
+    else:
+        values, entries = torch.topk(probs, k_max, dim=-1)
     rank = torch.arange(k_max, device=logits.device)
     kept = torch.where(rank < k.view(-1, *(1,) * (lead - 1), 1), values, torch.zeros_like(values))
     choice = torch.argmax(kept / noise_at(entries), dim=-1, keepdim=True)
