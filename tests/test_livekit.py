@@ -198,11 +198,12 @@ def test_prewarm_never_blocks(tiny_checkpoint, tiny_engine, monkeypatch):
     tts = TTS(model=tiny_checkpoint, voice_repo=tiny_checkpoint / "voices")
     tts.prewarm()
     tts.prewarm()  # a second call starts no second load
-    assert not tts._loaded.is_set(), "prewarm() returned only after the load ended"
-    assert tts.model == str(tiny_checkpoint) and tts.provider == "kyutai"
+    load = tts._load
+    assert load is not None and not load.done.is_set(), "prewarm() returned only after the load ended"
+    assert tts.model == tiny_checkpoint.name and tts.provider == "kyutai"
     release.set()
-    assert tts._loaded.wait(HANG_GUARD_S), "the background load never ended"
-    assert tts._load_error is None and tts._engine is tiny_engine
+    assert load.done.wait(HANG_GUARD_S), "the background load never ended"
+    assert load.error is None and tts._engine is tiny_engine
     assert [(d["model"], d["voice_repo"]) for d in loads] == [(tiny_checkpoint, tiny_checkpoint / "voices")]
 
 
