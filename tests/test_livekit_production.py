@@ -214,8 +214,8 @@ async def test_a_failed_model_load_is_retried_once_the_files_appear(tiny_checkpo
         events = await run_stream(tts_, ["hello there"])
         assert events and "".join(timed_words(events)) == "hello there"
     finally:
-        if tts_._engine is not None:
-            tts_._engine.close()  # type: ignore[attr-defined]
+        if tts_._loader.engine is not None:
+            tts_._loader.engine.close()  # type: ignore[attr-defined]
 
 
 # -- 9. transcript fidelity ------------------------------------------------------------------------

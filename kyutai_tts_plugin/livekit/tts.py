@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("the LiveKit adapter needs: pip install 'kyutai-tts-plugin[livekit]'") from exc
 
+from ..adapter_support import EMPTY_REPLY_PCM16, EngineLoader, session_options
 from ..checkpoint import DEFAULT_MODEL_REPO, DEFAULT_VOICE_REPO
 from ..errors import (
     CheckpointError,
@@ -91,21 +91,9 @@ class _Options:
     padding_bonus: float
 
     def session_options(self) -> SessionOptions:
-        return SessionOptions(
-            voice=self.voice,
-            cfg_coef=self.cfg_coef,
-            temperature=self.temperature,
-            n_q=self.n_q,
-            padding_bonus=self.padding_bonus,
-        )
-
-
-@dataclass
-class _Load:
-    """One attempt at loading the shared engine, in a background thread."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+        # The one shared check (adapter_support -> SessionOptions.validate): a bad value is refused
+        # when it is set, with a message naming the option, not when a turn is spoken.
+        return session_options(**asdict(self))
 
 
 class TTS(tts.TTS):
@@ -143,7 +131,6 @@ class TTS(tts.TTS):
             sample_rate=SAMPLE_RATE,
             num_channels=1,
         )
-        self._engine = engine
         resolved_model = model if model is not None else configured_model()
         self._engine_args = dict(
             model=resolved_model,
@@ -156,8 +143,8 @@ class TTS(tts.TTS):
             model_label(resolved_model) if engine is None or model is not None else "kyutai-tts"
         )
         self._opts = _Options(voice, cfg_coef, temperature, n_q, padding_bonus)
-        self._load_lock = threading.Lock()
-        self._load: _Load | None = None
+        self._opts.session_options()
+        self._loader = EngineLoader(self._engine_args, engine)
         self._streams: weakref.WeakSet[SynthesizeStream] = weakref.WeakSet()
 
     @property
@@ -181,46 +168,21 @@ class TTS(tts.TTS):
         changes = dict(
             voice=voice, cfg_coef=cfg_coef, temperature=temperature, n_q=n_q, padding_bonus=padding_bonus
         )
-        self._opts = replace(self._opts, **{k: v for k, v in changes.items() if utils.is_given(v)})
+        opts = replace(self._opts, **{k: v for k, v in changes.items() if utils.is_given(v)})
+        opts.session_options()
+        self._opts = opts
 
     def prewarm(self) -> None:
         """Start loading the engine in a background thread; returns at once."""
-        self._start_load()
-
-    def _start_load(self) -> _Load | None:
-        with self._load_lock:
-            if self._engine is not None:
-                return None
-            if self._load is None:
-                load = self._load = _Load()
-                threading.Thread(
-                    target=self._run_load, args=(load,), name="kyutai-tts-load", daemon=True
-                ).start()
-            return self._load
-
-    def _run_load(self, load: _Load) -> None:
-        from ..engine import shared_engine
-
-        try:
-            self._engine = shared_engine(**self._engine_args)
-        except BaseException as exc:  # reported to the streams that wait for this attempt
-            load.error = exc
-            with self._load_lock:
-                # Not cached: the next stream tries again (the files may have been downloaded since).
-                if self._load is load:
-                    self._load = None
-        finally:
-            load.done.set()
+        self._loader.start()
 
     async def _get_engine(self) -> TTSBackend:
-        load = self._start_load()
-        if load is not None:
-            # A thread waits for the load, never the event loop (it takes tens of seconds).
-            await asyncio.to_thread(load.done.wait)
-            if load.error is not None:
-                raise _load_error(load.error, self._engine_args["model"]) from load.error
-        assert self._engine is not None
-        return self._engine
+        # The load runs in a thread, never on the event loop (it takes tens of seconds). A failed
+        # load is not cached: the next stream loads again (the files may have appeared since).
+        try:
+            return await self._loader.get()
+        except Exception as exc:
+            raise _load_error(exc, self._engine_args["model"]) from exc
 
     def synthesize(
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
@@ -365,7 +327,7 @@ class SynthesizeStream(tts.SynthesizeStream):
             if not spoke:
                 # Only emoji / punctuation: end the segment with 80 ms of silence so the framework
                 # does not treat it as a failed synthesis and retry.
-                output_emitter.push_frame(rtc.AudioFrame(bytes(2 * FRAME_SIZE), SAMPLE_RATE, 1, FRAME_SIZE))
+                output_emitter.push_frame(rtc.AudioFrame(EMPTY_REPLY_PCM16, SAMPLE_RATE, 1, FRAME_SIZE))
             output_emitter.end_segment()
         except Exception as exc:
             raise _api_error(exc) from exc
