@@ -192,6 +192,20 @@ async def test_an_unexpected_engine_exception_is_an_api_error(tiny_engine, monke
     assert [e.recoverable for e in errors] == [True, False]
 
 
+async def test_an_engine_failure_while_stepping_is_a_retried_api_error(tiny_engine, monkeypatch):
+    def broken_step(sessions):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(tiny_engine, "_step", broken_step)
+    tts_ = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    errors = error_events(tts_)
+    with pytest.raises(APIError, match="CUDA error") as err:
+        await run_stream(tts_, ["hello there, my friend"], ONE_RETRY)
+    assert err.value.retryable  # as LiveKit's plugins treat an unexpected failure
+    assert [e.recoverable for e in errors] == [True, False]
+    assert tiny_engine.active_sessions == 0
+
+
 async def test_a_bad_voice_is_not_retried(tiny_engine):
     tts_ = TTS(engine=tiny_engine, voice="nope")
     errors = error_events(tts_)
