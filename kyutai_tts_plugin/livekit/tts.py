@@ -18,7 +18,7 @@ import os
 import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from livekit import rtc
@@ -45,6 +45,9 @@ from ..errors import (
     KyutaiTTSError,
 )
 from ..types import FRAME_SIZE, SAMPLE_RATE, AudioChunk, SessionOptions, TTSBackend, TTSSession, WordTiming
+
+if TYPE_CHECKING:
+    from ..remote import RemoteError
 
 # The environment variables that name the model and the voices: read by `TTS()` and by the
 # `download-files` hook alike, so the command fetches what the agent will load.
@@ -203,8 +206,8 @@ class TTS(tts.TTS):
         await super().aclose()
 
 
-def _load_error(exc: BaseException, model: object) -> APIError:
-    what = f"Kyutai TTS could not load its model ({model_label(model)}): {exc}"  # type: ignore[arg-type]
+def _load_error(exc: BaseException, model: str | os.PathLike[str]) -> APIError:
+    what = f"Kyutai TTS could not load its model ({model_label(model)}): {exc}"
     if isinstance(exc, KyutaiTTSError):
         # Missing or bad files: retrying at once cannot help; the next stream loads again.
         return APIError(
@@ -225,15 +228,25 @@ def _api_error(exc: Exception) -> APIError:
         return APIConnectionError(f"Kyutai TTS: {exc}")
     if isinstance(exc, (InvalidInputError, CheckpointError)):
         return APIError(f"Kyutai TTS: {exc}", retryable=False)  # the same request fails the same way
-    remote_code = getattr(exc, "code", NOT_GIVEN)
-    if type(exc).__name__ == "RemoteError" and remote_code is None:
-        # No connection, connection lost, websocket error: transport failures, as plugins report them.
-        return APIConnectionError(f"Kyutai TTS server: {exc}")
-    if remote_code == "unauthorized":
-        return APIError(f"Kyutai TTS server: {exc}", retryable=False)
+    remote_error = _remote_error_type()
+    if remote_error is not None and isinstance(exc, remote_error):
+        if exc.code is None:
+            # No connection, connection lost, websocket error: transport failures, which LiveKit's
+            # plugins report as retryable connection errors.
+            return APIConnectionError(f"Kyutai TTS server: {exc}")
+        if exc.code == "unauthorized":
+            return APIError(f"Kyutai TTS server: {exc}", retryable=False)
     if isinstance(exc, KyutaiTTSError):
         return APIError(f"Kyutai TTS: {exc}")
     return APIError(f"Kyutai TTS failed unexpectedly: {type(exc).__name__}: {exc}")
+
+
+def _remote_error_type() -> type[RemoteError] | None:
+    try:
+        from ..remote import RemoteError as remote_error
+    except ImportError:  # pragma: no cover - aiohttp/msgpack missing: no remote backend either
+        return None
+    return remote_error
 
 
 def _opens_on_loop(engine: TTSBackend) -> bool:
