@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 MODEL_ENV = "KYUTAI_TTS_MODEL"
 VOICES_ENV = "KYUTAI_TTS_VOICES"
 
+# How `RemoteTTS` words its transport failures (kyutai_tts_plugin/remote.py: RemoteError without a
+# code): the connection could not be made or was lost, as opposed to the server ending the session.
+_TRANSPORT_FAILURES = ("cannot connect to", "the connection to the server was lost", "websocket error")
+
 # How often a stream looks whether the engine gave its session a slot. The engine admits sessions on
 # its own thread and offers no wake-up for it; a 10 ms look costs nothing next to an 80 ms step.
 _SLOT_POLL_S = 0.01
@@ -230,12 +234,15 @@ def _api_error(exc: Exception) -> APIError:
         return APIError(f"Kyutai TTS: {exc}", retryable=False)  # the same request fails the same way
     remote_error = _remote_error_type()
     if remote_error is not None and isinstance(exc, remote_error):
-        if exc.code is None:
-            # No connection, connection lost, websocket error: transport failures, which LiveKit's
-            # plugins report as retryable connection errors.
+        if exc.code is None and str(exc).startswith(_TRANSPORT_FAILURES):
+            # No connection, connection lost: LiveKit's plugins report these as retryable
+            # connection errors.
             return APIConnectionError(f"Kyutai TTS server: {exc}")
         if exc.code == "unauthorized":
             return APIError(f"Kyutai TTS server: {exc}", retryable=False)
+        # The server ended the session with an error (a close code, a protocol Error): like the
+        # plugins' "connection closed unexpectedly", a retryable APIError, not a connection error.
+        return APIError(f"Kyutai TTS server: {exc}")
     if isinstance(exc, KyutaiTTSError):
         return APIError(f"Kyutai TTS: {exc}")
     return APIError(f"Kyutai TTS failed unexpectedly: {type(exc).__name__}: {exc}")
