@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,6 +105,25 @@ async def test_opening_sessions_on_a_cold_voice_cache_never_stalls_the_loop(tiny
     assert longest < hub_call_s / 4, (
         f"the event loop stalled {longest:.2f} s during a {hub_call_s} s Hub call"
     )
+
+
+async def test_an_interruption_while_a_voice_is_fetched_frees_the_slot(tiny_engine, monkeypatch):
+    resolve = tiny_engine.voices.resolve
+    fetching, release = threading.Event(), threading.Event()
+
+    def held_resolve(name):
+        fetching.set()
+        assert release.wait(HANG_GUARD_S), "the voice fetch was never released"
+        return resolve(name)
+
+    monkeypatch.setattr(tiny_engine.voices, "resolve", held_resolve)
+    tts_ = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    stream = tts_.stream(conn_options=NO_RETRY)
+    stream.push_text("Hello there, friend.")
+    await wait_for(fetching.is_set, "the voice fetch")
+    await stream.aclose()  # the user barged in while the session was being opened
+    release.set()
+    await wait_for(lambda: tiny_engine.active_sessions == 0, "the slot of the session opened meanwhile")
 
 
 # -- 7. conn_options.timeout and retries -----------------------------------------------------------

@@ -267,6 +267,11 @@ def _opens_on_loop(engine: TTSBackend) -> bool:
     return isinstance(engine, RemoteTTS)
 
 
+def _cancel_opened_session(opening: asyncio.Future[TTSSession]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().cancel()
+
+
 async def _slot_taken(session: TTSSession) -> None:
     """Return once the engine gave `session` a slot (or ended it). An in-process session waits in the
     engine's queue until its worker admits it (`run` set); other backends queue on their side."""
@@ -300,7 +305,14 @@ class SynthesizeStream(tts.SynthesizeStream):
                 options = self._opts.session_options()
                 if _opens_on_loop(engine):
                     return engine.open_session(options)
-                return await asyncio.to_thread(engine.open_session, options)
+                opening = asyncio.ensure_future(asyncio.to_thread(engine.open_session, options))
+                try:
+                    return await asyncio.shield(opening)
+                except asyncio.CancelledError:
+                    # Interrupted while the thread opens it: the session it opens must not keep a
+                    # slot with nobody reading it.
+                    opening.add_done_callback(_cancel_opened_session)
+                    raise
 
             async def forward_text() -> None:
                 nonlocal session
