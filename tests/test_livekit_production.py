@@ -116,13 +116,24 @@ async def test_an_interruption_while_a_voice_is_fetched_frees_the_slot(tiny_engi
         assert release.wait(HANG_GUARD_S), "the voice fetch was never released"
         return resolve(name)
 
+    open_session = tiny_engine.open_session
+    opened = threading.Event()
+
+    def open_and_tell(options=None, **overrides):
+        try:
+            return open_session(options, **overrides)
+        finally:
+            opened.set()
+
     monkeypatch.setattr(tiny_engine.voices, "resolve", held_resolve)
+    monkeypatch.setattr(tiny_engine, "open_session", open_and_tell)
     tts_ = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
     stream = tts_.stream(conn_options=NO_RETRY)
     stream.push_text("Hello there, friend.")
     await wait_for(fetching.is_set, "the voice fetch")
     await stream.aclose()  # the user barged in while the session was being opened
     release.set()
+    await wait_for(opened.is_set, "the session to open")
     await wait_for(lambda: tiny_engine.active_sessions == 0, "the slot of the session opened meanwhile")
 
 
