@@ -1,13 +1,14 @@
 """A LiveKit voice agent speaking with Kyutai TTS in-process.
 
-    python examples/livekit_agent.py download-files   # model + default voice into the HF cache
+    python -m livekit.agents download-files           # model + default voice into the HF cache
     python examples/livekit_agent.py console           # talk to it in the terminal (needs a sound card)
     python examples/livekit_agent.py dev               # join rooms of your LiveKit server
 
 The LLM is OpenAI's when `OPENAI_API_KEY` is set (`pip install "livekit-agents[openai]"`); otherwise
 the agent answers with a scripted reply, streamed token by token like an LLM would. STT/VAD come
 from your LiveKit setup (e.g. `livekit-agents[deepgram,silero]`); `KYUTAI_TTS_MODEL` and
-`KYUTAI_TTS_VOICES` point the TTS at local directories (`kyutai-tts make-test-checkpoint DIR`).
+`KYUTAI_TTS_VOICES` point the TTS (and `download-files`) at another model or at local directories
+(`kyutai-tts make-test-checkpoint DIR`).
 
 One engine is shared by every job of a worker process (`shared_engine`). Loading the 1.6B model takes
 tens of seconds, longer than LiveKit's default job initialization timeout: the TTS is created in
@@ -41,11 +42,9 @@ SCRIPTED_REPLY = "Hello! I'm speaking with Kyutai's streaming text to speech, wo
 
 
 def prewarm(proc: JobProcess) -> None:
-    tts = kyutai.TTS(
-        model=os.environ.get("KYUTAI_TTS_MODEL", "kyutai/tts-1.6b-en_fr"),
-        voice_repo=os.environ.get("KYUTAI_TTS_VOICES", "kyutai/tts-voices"),
-        device=os.environ.get("KYUTAI_TTS_DEVICE", "cpu"),
-    )
+    # The model and voices come from KYUTAI_TTS_MODEL / KYUTAI_TTS_VOICES (else the defaults),
+    # the same ones `python -m livekit.agents download-files` fetched.
+    tts = kyutai.TTS(device=os.environ.get("KYUTAI_TTS_DEVICE", "cpu"))
     tts.prewarm()  # loads in a background thread
     proc.userdata["tts"] = tts
 
@@ -56,6 +55,7 @@ class ScriptedLLM(llm.LLM):
 
     `hold_last`, when given, holds back the last delta until that event is set: tests use it to
     prove that audio starts while the LLM is still talking, whatever the machine's speed.
+    `deltas`, when given, are the exact deltas to stream (their concatenation is the reply).
     """
 
     def __init__(
@@ -64,15 +64,19 @@ class ScriptedLLM(llm.LLM):
         delay: float = 0.03,
         *,
         hold_last: asyncio.Event | None = None,
+        deltas: list[str] | None = None,
     ) -> None:
         super().__init__()
-        self.reply, self.delay, self.hold_last = reply, delay, hold_last
+        self.reply = "".join(deltas) if deltas is not None else reply
+        self.delay, self.hold_last, self._deltas = delay, hold_last, deltas
         self.sent: list[str] = []  # the deltas sent so far, in order
         self.finished = False  # the whole reply was sent
 
     @property
     def script(self) -> list[str]:
         """The deltas the reply is streamed as."""
+        if self._deltas is not None:
+            return list(self._deltas)
         return [self.reply[i : i + 3] for i in range(0, len(self.reply), 3)]
 
     def chat(

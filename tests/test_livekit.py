@@ -198,11 +198,11 @@ def test_prewarm_never_blocks(tiny_checkpoint, tiny_engine, monkeypatch):
     tts = TTS(model=tiny_checkpoint, voice_repo=tiny_checkpoint / "voices")
     tts.prewarm()
     tts.prewarm()  # a second call starts no second load
-    assert not tts._loaded.is_set(), "prewarm() returned only after the load ended"
-    assert tts.model == str(tiny_checkpoint) and tts.provider == "kyutai"
+    assert tts._loader.loading, "prewarm() returned only after the load ended"
+    assert tts.model == tiny_checkpoint.name and tts.provider == "kyutai"
     release.set()
-    assert tts._loaded.wait(HANG_GUARD_S), "the background load never ended"
-    assert tts._load_error is None and tts._engine is tiny_engine
+    load = tts._loader._future
+    assert load is not None and load.result(timeout=HANG_GUARD_S) is tiny_engine
     assert [(d["model"], d["voice_repo"]) for d in loads] == [(tiny_checkpoint, tiny_checkpoint / "voices")]
 
 
@@ -212,3 +212,14 @@ async def test_back_to_back_replies_do_not_mix(tiny_engine):
     a, b = await asyncio.gather(run_stream(tts, tokens_of(first)), run_stream(tts, tokens_of(second)))
     assert "".join(timed_words(a)) == first and "".join(timed_words(b)) == second
     assert {ev.request_id for ev in a}.isdisjoint({ev.request_id for ev in b})
+
+
+def test_bad_options_are_refused_when_set(tiny_engine):
+    from kyutai_tts_plugin.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="temperature"):
+        TTS(engine=tiny_engine, temperature=-1.0)
+    tts = TTS(engine=tiny_engine, n_q=4)
+    with pytest.raises(InvalidInputError, match="n_q"):
+        tts.update_options(n_q=0)
+    assert tts._opts.n_q == 4  # the refused change left the options as they were

@@ -195,3 +195,21 @@ async def test_interrupt_stops_audio_frees_the_slot_and_truncates_history(tiny_e
         await session.aclose()
         await sync.aclose()
     assert len(sink.frames) == sink.frames_at_clear, "audio captured after the interruption"
+
+
+async def test_a_whitespace_only_first_delta_stays_in_the_chat_history(tiny_engine):
+    # LLMs often open a reply with "\n\n": it is part of what the LLM said, and the history (built
+    # from our TimedStrings) must keep it, as it keeps every other delta.
+    deltas = ["\n\n", "Sure", ", here", " is the", " weather."]
+    scripted = ScriptedLLM(delay=0.0, deltas=deltas)
+    tts = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    session, _, _, sync = await start_session(tts, scripted)
+    try:
+        handle = session.generate_reply(user_input="What is the weather?")
+        await asyncio.wait_for(handle, HANG_GUARD_S)
+        assert not handle.interrupted
+        assert assistant_text(session) == "".join(deltas)
+    finally:
+        await session.aclose()
+        await sync.aclose()
+    assert tiny_engine.active_sessions == 0

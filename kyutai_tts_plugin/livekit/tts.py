@@ -4,15 +4,21 @@
 3-word lookahead is the only wait); `end_input()` flushes it. Each 80 ms chunk leaves as one audio
 frame, preceded by the `TimedString` of any word starting in it, carrying the original LLM text with
 its whitespace, so the chat history reads as the LLM wrote it and is cut to what was heard.
+
+Failures surface as LiveKit's own plugins report them, so `conn_options` retries and `FallbackAdapter`
+work unchanged: no free slot or an unreachable server -> `APIConnectionError`; waiting for a slot
+longer than `conn_options.timeout` -> `APITimeoutError`; a bad option -> `APIError(retryable=False)`;
+anything unexpected (an engine or device error) -> `APIError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
-from dataclasses import dataclass, replace
-from typing import Any
+import weakref
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 try:
     from livekit import rtc
@@ -29,9 +35,58 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("the LiveKit adapter needs: pip install 'kyutai-tts-plugin[livekit]'") from exc
 
+from ..adapter_support import EMPTY_REPLY_PCM16, EngineLoader, session_options
 from ..checkpoint import DEFAULT_MODEL_REPO, DEFAULT_VOICE_REPO
-from ..errors import EngineFullError, EngineTimeoutError, KyutaiTTSError
-from ..types import FRAME_SIZE, SAMPLE_RATE, AudioChunk, SessionOptions, TTSBackend, TTSSession
+from ..errors import (
+    CheckpointError,
+    EngineFullError,
+    EngineTimeoutError,
+    InvalidInputError,
+    KyutaiTTSError,
+)
+from ..types import FRAME_SIZE, SAMPLE_RATE, AudioChunk, SessionOptions, TTSBackend, TTSSession, WordTiming
+
+if TYPE_CHECKING:
+    from ..remote import RemoteError
+
+# The environment variables that name the model and the voices: read by `TTS()` and by the
+# `download-files` hook alike, so the command fetches what the agent will load.
+MODEL_ENV = "KYUTAI_TTS_MODEL"
+VOICES_ENV = "KYUTAI_TTS_VOICES"
+
+# How `RemoteTTS` words its transport failures (kyutai_tts_plugin/remote.py: RemoteError without a
+# code): the connection could not be made or was lost, as opposed to the server ending the session.
+_TRANSPORT_FAILURES = ("cannot connect to", "the connection to the server was lost", "websocket error")
+
+# How often a stream looks whether the engine gave its session a slot. The engine admits sessions on
+# its own thread and offers no wake-up for it; a 10 ms look costs nothing next to an 80 ms step.
+_SLOT_POLL_S = 0.01
+
+
+def configured_model() -> str:
+    """The model `TTS()` loads by default: ``$KYUTAI_TTS_MODEL``, else ``kyutai/tts-1.6b-en_fr``."""
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL_REPO
+
+
+def configured_voice_repo() -> str:
+    """The voices `TTS()` uses by default: ``$KYUTAI_TTS_VOICES``, else ``kyutai/tts-voices``."""
+    return os.environ.get(VOICES_ENV) or DEFAULT_VOICE_REPO
+
+
+def model_label(model: str | os.PathLike[str]) -> str:
+    """The name metrics report for a model: its repo id, never a path of this machine.
+
+    A local directory is named by the repo it was downloaded from when it sits in the Hugging Face
+    cache (``.../models--kyutai--tts-1.6b-en_fr/snapshots/<rev>``), else by its own name.
+    """
+    text = os.fspath(model)
+    if not os.path.isdir(text):
+        return text  # a repo id
+    path = Path(text).resolve()
+    for part in reversed(path.parts):
+        if part.startswith("models--"):
+            return part[len("models--") :].replace("--", "/")
+    return path.name
 
 
 @dataclass(frozen=True)
@@ -43,13 +98,9 @@ class _Options:
     padding_bonus: float
 
     def session_options(self) -> SessionOptions:
-        return SessionOptions(
-            voice=self.voice,
-            cfg_coef=self.cfg_coef,
-            temperature=self.temperature,
-            n_q=self.n_q,
-            padding_bonus=self.padding_bonus,
-        )
+        # The one shared check (adapter_support -> SessionOptions.validate): a bad value is refused
+        # when it is set, with a message naming the option, not when a turn is spoken.
+        return session_options(**asdict(self))
 
 
 class TTS(tts.TTS):
@@ -59,8 +110,8 @@ class TTS(tts.TTS):
         self,
         *,
         engine: TTSBackend | None = None,
-        model: str | os.PathLike[str] = DEFAULT_MODEL_REPO,
-        voice_repo: str | os.PathLike[str] = DEFAULT_VOICE_REPO,
+        model: str | os.PathLike[str] | None = None,
+        voice_repo: str | os.PathLike[str] | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         engine_kwargs: dict[str, Any] | None = None,
@@ -75,7 +126,11 @@ class TTS(tts.TTS):
         Args:
             engine: a loaded `TTSEngine` (or `RemoteTTS`). When None, the process-wide shared engine
                 for `model` is loaded in a background thread (`prewarm()` starts it early).
-            model, voice_repo, device, dtype, engine_kwargs: how to load that shared engine.
+            model: repo id or local directory; default ``$KYUTAI_TTS_MODEL``, else
+                ``kyutai/tts-1.6b-en_fr`` (what ``python -m livekit.agents download-files`` fetches).
+                With `engine` given it only names the model in metrics.
+            voice_repo: default ``$KYUTAI_TTS_VOICES``, else ``kyutai/tts-voices``.
+            device, dtype, engine_kwargs: how to load the shared engine.
             voice, cfg_coef, temperature, n_q, padding_bonus: per-stream options (see `update_options`).
         """
         super().__init__(
@@ -83,17 +138,21 @@ class TTS(tts.TTS):
             sample_rate=SAMPLE_RATE,
             num_channels=1,
         )
-        self._engine = engine
+        resolved_model = model if model is not None else configured_model()
         self._engine_args = dict(
-            model=model, voice_repo=voice_repo, device=device, dtype=dtype, **(engine_kwargs or {})
+            model=resolved_model,
+            voice_repo=voice_repo if voice_repo is not None else configured_voice_repo(),
+            device=device,
+            dtype=dtype,
+            **(engine_kwargs or {}),
         )
-        self._model_name = str(model) if engine is None else "kyutai-tts"
+        self._model_name = (
+            model_label(resolved_model) if engine is None or model is not None else "kyutai-tts"
+        )
         self._opts = _Options(voice, cfg_coef, temperature, n_q, padding_bonus)
-        self._loading: threading.Thread | None = None
-        self._load_error: BaseException | None = None
-        self._loaded = threading.Event()
-        if engine is not None:
-            self._loaded.set()
+        self._opts.session_options()
+        self._loader = EngineLoader(self._engine_args, engine)
+        self._streams: weakref.WeakSet[SynthesizeStream] = weakref.WeakSet()
 
     @property
     def model(self) -> str:
@@ -116,31 +175,21 @@ class TTS(tts.TTS):
         changes = dict(
             voice=voice, cfg_coef=cfg_coef, temperature=temperature, n_q=n_q, padding_bonus=padding_bonus
         )
-        self._opts = replace(self._opts, **{k: v for k, v in changes.items() if utils.is_given(v)})
+        opts = replace(self._opts, **{k: v for k, v in changes.items() if utils.is_given(v)})
+        opts.session_options()
+        self._opts = opts
 
     def prewarm(self) -> None:
         """Start loading the engine in a background thread; returns at once."""
-        if self._engine is None and self._loading is None:
-            self._loading = threading.Thread(target=self._load, name="kyutai-tts-load", daemon=True)
-            self._loading.start()
-
-    def _load(self) -> None:
-        from ..engine import shared_engine
-
-        try:
-            self._engine = shared_engine(**self._engine_args)
-        except BaseException as exc:  # reported to the streams that wait for it
-            self._load_error = exc
-        finally:
-            self._loaded.set()
+        self._loader.start()
 
     async def _get_engine(self) -> TTSBackend:
-        self.prewarm()
-        await asyncio.to_thread(self._loaded.wait)
-        if self._load_error is not None:
-            raise APIError(f"Kyutai TTS could not load its model: {self._load_error}", retryable=False)
-        assert self._engine is not None
-        return self._engine
+        # The load runs in a thread, never on the event loop (it takes tens of seconds). A failed
+        # load is not cached: the next stream loads again (the files may have appeared since).
+        try:
+            return await self._loader.get()
+        except Exception as exc:
+            raise _load_error(exc, self._engine_args["model"]) from exc
 
     def synthesize(
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
@@ -148,7 +197,88 @@ class TTS(tts.TTS):
         return self._synthesize_with_stream(text, conn_options=conn_options)
 
     def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> SynthesizeStream:
-        return SynthesizeStream(tts=self, conn_options=conn_options)
+        stream = SynthesizeStream(tts=self, conn_options=conn_options)
+        self._streams.add(stream)
+        return stream
+
+    async def aclose(self) -> None:
+        """Close every open stream (their engine sessions end and free their slots). A shared or
+        injected engine stays up: other TTS instances may use it."""
+        streams = list(self._streams)
+        self._streams.clear()
+        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+        await super().aclose()
+
+
+def _load_error(exc: BaseException, model: str | os.PathLike[str]) -> APIError:
+    what = f"Kyutai TTS could not load its model ({model_label(model)}): {exc}"
+    if isinstance(exc, KyutaiTTSError):
+        # Missing or bad files: retrying at once cannot help; the next stream loads again.
+        return APIError(
+            f"{what} (prepare the machine with `python -m livekit.agents download-files`)", retryable=False
+        )
+    if isinstance(exc, OSError):  # network / Hub unreachable while downloading
+        return APIConnectionError(what)
+    return APIError(what)
+
+
+def _api_error(exc: Exception) -> APIError:
+    """The LiveKit error for an engine or server failure, retryable where LiveKit's plugins retry."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineTimeoutError):
+        return APITimeoutError(f"Kyutai TTS: {exc}")
+    if isinstance(exc, EngineFullError):
+        return APIConnectionError(f"Kyutai TTS: {exc}")
+    if isinstance(exc, (InvalidInputError, CheckpointError)):
+        return APIError(f"Kyutai TTS: {exc}", retryable=False)  # the same request fails the same way
+    remote_error = _remote_error_type()
+    if remote_error is not None and isinstance(exc, remote_error):
+        if exc.code is None and str(exc).startswith(_TRANSPORT_FAILURES):
+            # No connection, connection lost: LiveKit's plugins report these as retryable
+            # connection errors.
+            return APIConnectionError(f"Kyutai TTS server: {exc}")
+        if exc.code == "unauthorized":
+            return APIError(f"Kyutai TTS server: {exc}", retryable=False)
+        # The server ended the session with an error (a close code, a protocol Error): like the
+        # plugins' "connection closed unexpectedly", a retryable APIError, not a connection error.
+        return APIError(f"Kyutai TTS server: {exc}")
+    if isinstance(exc, KyutaiTTSError):
+        return APIError(f"Kyutai TTS: {exc}")
+    return APIError(f"Kyutai TTS failed unexpectedly: {type(exc).__name__}: {exc}")
+
+
+def _remote_error_type() -> type[RemoteError] | None:
+    try:
+        from ..remote import RemoteError as remote_error
+    except ImportError:  # pragma: no cover - aiohttp/msgpack missing: no remote backend either
+        return None
+    return remote_error
+
+
+def _opens_on_loop(engine: TTSBackend) -> bool:
+    """Whether `open_session` must run on the event loop (the remote client ties its session to the
+    running loop and does no blocking work there). The in-process engine may resolve voices on the
+    Hub inside `open_session`, so it is called from a thread."""
+    try:
+        from ..remote import RemoteTTS
+    except ImportError:  # pragma: no cover - aiohttp/msgpack missing: no remote backend either
+        return False
+    return isinstance(engine, RemoteTTS)
+
+
+def _cancel_opened_session(opening: asyncio.Future[TTSSession]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().cancel()
+
+
+async def _slot_taken(session: TTSSession) -> None:
+    """Return once the engine gave `session` a slot (or ended it). An in-process session waits in the
+    engine's queue until its worker admits it (`run` set); other backends queue on their side."""
+    if not hasattr(session, "run"):
+        return
+    while getattr(session, "run", None) is None and not getattr(session, "is_finished", False):
+        await asyncio.sleep(_SLOT_POLL_S)
 
 
 class SynthesizeStream(tts.SynthesizeStream):
@@ -165,60 +295,99 @@ class SynthesizeStream(tts.SynthesizeStream):
             mime_type="audio/pcm",
             stream=True,
         )
-        engine = await self._kyutai._get_engine()
         session: TTSSession | None = None
-        opened = asyncio.Event()
-
-        async def forward_text() -> None:
-            nonlocal session
-            try:
-                # Read the channel at call time: a retry replays the input into a new one.
-                async for data in self._input_ch:
-                    if isinstance(data, self._FlushSentinel):
-                        break  # one stream = one segment in livekit-agents 1.8
-                    if session is None:
-                        if not data.strip():
-                            continue
-                        session = engine.open_session(self._opts.session_options())
-                        output_emitter.start_segment(segment_id=utils.shortuuid())
-                        self._mark_started()
-                        opened.set()
-                    session.push_text(data)
-                if session is not None:
-                    session.flush()
-            finally:
-                opened.set()
-
-        forward = asyncio.create_task(forward_text())
+        forward: asyncio.Task[None] | None = None
         try:
+            engine = await self._kyutai._get_engine()
+            opened = asyncio.Event()
+
+            async def open_session() -> TTSSession:
+                options = self._opts.session_options()
+                if _opens_on_loop(engine):
+                    return engine.open_session(options)
+                opening = asyncio.ensure_future(asyncio.to_thread(engine.open_session, options))
+                try:
+                    return await asyncio.shield(opening)
+                except asyncio.CancelledError:
+                    # Interrupted while the thread opens it: the session it opens must not keep a
+                    # slot with nobody reading it.
+                    opening.add_done_callback(_cancel_opened_session)
+                    raise
+
+            async def forward_text() -> None:
+                nonlocal session
+                held = ""  # whitespace that came before the first word: it belongs to the transcript
+                try:
+                    # Read the channel at call time: a retry replays the input into a new one.
+                    async for data in self._input_ch:
+                        if isinstance(data, self._FlushSentinel):
+                            if session is None:
+                                continue  # a flush before any text ends nothing: the text comes next
+                            break  # one stream = one segment in livekit-agents 1.8
+                        if session is None:
+                            if not data.strip():
+                                held += data
+                                continue
+                            session = await open_session()
+                            output_emitter.start_segment(segment_id=utils.shortuuid())
+                            self._mark_started()
+                            opened.set()
+                            data, held = held + data, ""
+                        session.push_text(data)
+                    if session is not None:
+                        session.flush()
+                finally:
+                    opened.set()
+
+            forward = asyncio.create_task(forward_text())
             await opened.wait()
             if forward.done() and forward.exception() is not None:
                 forward.result()
             if session is None:
                 return  # blank input: nothing to say, no segment
-            spoke = False
-            async for event in session:
-                if isinstance(event, AudioChunk):
-                    spoke = True
-                    output_emitter.push_frame(rtc.AudioFrame(event.pcm16(), SAMPLE_RATE, 1, FRAME_SIZE))
-                else:
-                    output_emitter.push_timed_transcript(
-                        TimedString(event.text, start_time=event.start_s, end_time=event.end_s)
-                    )
+            started = asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(_slot_taken(session), self._conn_options.timeout)
+            except asyncio.TimeoutError:
+                raise APITimeoutError(
+                    f"Kyutai TTS: no free engine slot within conn_options.timeout "
+                    f"({self._conn_options.timeout:g} s); the engine is busy"
+                ) from None
+            self._acquire_time = asyncio.get_running_loop().time() - started
+            spoke = await self._receive(session, output_emitter)
             await forward
             if not spoke:
                 # Only emoji / punctuation: end the segment with 80 ms of silence so the framework
                 # does not treat it as a failed synthesis and retry.
-                output_emitter.push_frame(rtc.AudioFrame(bytes(2 * FRAME_SIZE), SAMPLE_RATE, 1, FRAME_SIZE))
+                output_emitter.push_frame(rtc.AudioFrame(EMPTY_REPLY_PCM16, SAMPLE_RATE, 1, FRAME_SIZE))
             output_emitter.end_segment()
-        except EngineFullError as exc:
-            raise APIConnectionError(f"Kyutai TTS: {exc}") from exc
-        except EngineTimeoutError as exc:
-            raise APITimeoutError(f"Kyutai TTS: {exc}") from exc
-        except KyutaiTTSError as exc:
-            raise APIError(f"Kyutai TTS: {exc}", retryable=False) from exc
+        except Exception as exc:
+            raise _api_error(exc) from exc
         finally:
-            # Cancellation (interruption) lands here too: stop the audio and free the slot at once.
+            # Cancellation (interruption, aclose) lands here too: stop the audio and free the slot.
             if session is not None:
                 session.cancel()
-            await utils.aio.cancel_and_wait(forward)
+            if forward is not None:
+                await utils.aio.cancel_and_wait(forward)
+
+    async def _receive(self, session: TTSSession, output_emitter: tts.AudioEmitter) -> bool:
+        """Forward the session's audio and word timings; True if any audio came."""
+        spoke = False
+        async for event in session:
+            if isinstance(event, AudioChunk):
+                spoke = True
+                output_emitter.push_frame(rtc.AudioFrame(event.pcm16(), SAMPLE_RATE, 1, FRAME_SIZE))
+            elif event.text:
+                output_emitter.push_timed_transcript(_timed_string(event))
+            # A timing without text is the tail of a word that normalization split in pieces
+            # ("https://x" -> "https", "//x"): its text went with the first piece, whose caption
+            # stays open until the next word starts.
+        return spoke
+
+
+def _timed_string(event: WordTiming) -> TimedString:
+    if event.word != event.text.strip():
+        # The first piece of a split word (or a rewritten one): its end is the end of the first piece
+        # only, so leave the span open; the next word's start closes it.
+        return TimedString(event.text, start_time=event.start_s)
+    return TimedString(event.text, start_time=event.start_s, end_time=event.end_s)
