@@ -88,6 +88,10 @@ class Report:
     args: argparse.Namespace
     lines: list[str] = field(default_factory=list)  # markdown for RESULTS.md
     checks: list[tuple[str, bool | None, str]] = field(default_factory=list)  # (what, passed, figure)
+    moshi: dict[int, tuple[float, int]] = field(default_factory=dict)  # batch -> (ms/step, bytes)
+    ours: dict[tuple[int, bool], tuple[float, int]] = field(default_factory=dict)  # (batch, compile) -> same
+    latency: dict[int, tuple[float, float]] = field(default_factory=dict)  # sessions -> (p50, p95) ms
+    skipped: list[int] = field(default_factory=list)  # sizes not measured for lack of time
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -367,14 +371,8 @@ class StepClock:
                 raise RuntimeError(f"only {len(self.full)} full steps of {n} within {timeout:.0f} s")
 
 
-def ours_ms_per_step(
-    root: Path, device: torch.device, args: argparse.Namespace, batch: int, compiled: bool
-) -> tuple[float, int]:
-    """Median ms per full step of ours at `batch`, and the peak bytes the engine added."""
-    base = reset_peak(device)
-    engine = open_engine(
-        root, device, args.dtype, compiled, max_sessions=batch, max_waiting=batch, num_threads=args.threads
-    )
+def ours_ms_per_step(engine: TTSEngine, args: argparse.Namespace, batch: int) -> float:
+    """Median ms per full step of ours with `batch` sessions speaking (seeded, temperature 0.6)."""
     clock = StepClock(batch)
     remove = engine.add_step_observer(clock)
     sessions = []
@@ -385,13 +383,11 @@ def ours_ms_per_step(
             s.flush()
             sessions.append(s)
         clock.wait(args.warmup + args.steps, timeout=args.step_timeout)
-        used = peak(device) - base
     finally:
         remove()
         for s in sessions:
             s.cancel()
-        close_engine(engine)
-    return statistics.median(clock.full[args.warmup :]) * 1000, used
+    return statistics.median(clock.full[args.warmup : args.warmup + args.steps]) * 1000
 
 
 def moshi_steps(ref: Any, device: torch.device, batch: int, n_q: int) -> Iterator[float]:
@@ -423,55 +419,103 @@ def moshi_steps(ref: Any, device: torch.device, batch: int, n_q: int) -> Iterato
         ref.dep_q = ref.n_q
 
 
-def moshi_ms_per_step(
-    ref: Any, device: torch.device, args: argparse.Namespace, batch: int
-) -> tuple[float, int]:
-    base = reset_peak(device)
+def moshi_ms_per_step(ref: Any, device: torch.device, args: argparse.Namespace, batch: int) -> float:
     it = moshi_steps(ref, device, batch, args.n_q)
     # moshi's first steps run eagerly, then it captures its CUDA graphs: skip them, and the delays.
     times = [next(it) for _ in range(args.warmup + MAX_DELAY + 2 + args.steps)]
-    used = peak(device) - base
     it.close()
-    return statistics.median(times[-args.steps :]) * 1000, used
+    return statistics.median(times[-args.steps :]) * 1000
 
 
-def part_speed(report: Report, device: torch.device, root: Path, ref: Any) -> dict[str, Any]:
+def part_engines(report: Report, device: torch.device, root: Path, ref: Any, started: float) -> None:
+    """Speed (with moshi next to it) and first audio, one engine per size: `max_sessions` = size."""
     args = report.args
-    results: dict[str, Any] = {"ours": {}, "moshi": {}, "mem": {}}
-    for batch in args.batch:
-        m_ms, m_mem = moshi_ms_per_step(ref, device, args, batch)
-        results["moshi"][batch] = m_ms
-        line = f"batch {batch:4d}: moshi LMGen {m_ms:8.1f} ms/step"
-        for compiled in compile_modes(args):
-            o_ms, o_mem = ours_ms_per_step(root, device, args, batch, compiled)
-            results["ours"][(batch, compiled)] = o_ms
-            results["mem"][(batch, compiled)] = (o_mem, m_mem)
-            line += f" | ours{' compile' if compiled else ''} {o_ms:8.1f} ms/step (x{m_ms / o_ms:.2f})"
-        report.say(line)
     modes = compile_modes(args)
-    head = "| batch | moshi LMGen ms/step |" + "".join(
-        f" ours{' compile=True' if c else ''} ms/step | moshi / ours |" for c in modes
-    )
-    report.lines += [
-        head,
-        "|---:|---:|" + "---:|---:|" * len(modes),
-        *[
-            f"| {b} | {results['moshi'][b]:.2f} |"
-            + "".join(
-                f" {results['ours'][(b, c)]:.2f} | {results['moshi'][b] / results['ours'][(b, c)]:.2f} |"
-                for c in modes
+    sizes = sorted(set(args.batch if "speed" in args.parts else []) | set(args.latency_sizes))
+    for size in sizes:
+        if args.budget and time.perf_counter() - started > args.budget:
+            report.say(f"time budget ({args.budget:.0f} s) spent: sizes from {size} on are skipped")
+            report.skipped.append(size)
+            continue
+        if size in args.batch and "speed" in args.parts:
+            base = reset_peak(device)
+            m_ms = moshi_ms_per_step(ref, device, args, size)
+            report.moshi[size] = (m_ms, peak(device) - base)
+            report.say(f"batch {size:4d}: moshi LMGen {m_ms:8.1f} ms/step")
+        for compiled in modes:
+            timed = size in args.batch and "speed" in args.parts
+            latency = size in args.latency_sizes and compiled == modes[-1]
+            if not (timed or latency):
+                continue
+            base = reset_peak(device)
+            t0 = time.perf_counter()
+            engine = open_engine(
+                root,
+                device,
+                args.dtype,
+                compiled,
+                max_sessions=size,
+                max_waiting=size,
+                num_threads=args.threads,
             )
-            for b in args.batch
-        ],
-        "",
-    ]
-    if device.type == "cuda" and len(args.batch) >= 2:
-        lo, hi = min(args.batch), max(args.batch)
-        report.lines += ["| memory (peak allocated, CUDA) | ours | moshi LMGen |", "|---|---:|---:|"]
+            label = f"ours{' compile=True' if compiled else ''}"
+            report.say(f"{label}: engine for {size} sessions loaded in {time.perf_counter() - t0:.0f} s")
+            try:
+                if timed:
+                    o_ms = ours_ms_per_step(engine, args, size)
+                    report.ours[(size, compiled)] = (o_ms, peak(device) - base)
+                    m_ms = report.moshi[size][0]
+                    report.say(
+                        f"batch {size:4d}: {label} {o_ms:8.1f} ms/step (moshi / ours x{m_ms / o_ms:.2f})"
+                    )
+                if latency:
+                    lat = first_audio_ms(engine, args, size)
+                    p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
+                    report.latency[size] = (p50, p95)
+                    report.say(
+                        f"first audio, {size} sessions arriving within {args.window:g} s ({label}): "
+                        f"p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+                    )
+            finally:
+                close_engine(engine)
+    tables(report, device)
+
+
+def tables(report: Report, device: torch.device) -> None:
+    args = report.args
+    modes = compile_modes(args)
+    timed = [b for b in args.batch if b in report.moshi and all((b, c) in report.ours for c in modes)]
+    if timed:
+        head = "| batch | moshi LMGen ms/step |" + "".join(
+            f" ours{' compile=True' if c else ''} ms/step | moshi / ours |" for c in modes
+        )
+        rows = []
+        for b in timed:
+            m = report.moshi[b][0]
+            rows.append(
+                f"| {b} | {m:.2f} |"
+                + "".join(
+                    f" {report.ours[(b, c)][0]:.2f} | {m / report.ours[(b, c)][0]:.2f} |" for c in modes
+                )
+            )
+        report.lines += [
+            f"Milliseconds per step, n_q {args.n_q}, temperature 0.6:",
+            "",
+            head,
+            "|---:|---:|" + "---:|---:|" * len(modes),
+            *rows,
+            "",
+        ]
+    if device.type == "cuda" and len(timed) >= 2:
+        lo, hi = min(timed), max(timed)
+        report.lines += [
+            "| memory (peak allocated by the engine, CUDA) | ours | moshi LMGen |",
+            "|---|---:|---:|",
+        ]
+        m_lo, m_hi = report.moshi[lo][1], report.moshi[hi][1]
         for c in modes:
-            (o_lo, m_lo), (o_hi, m_hi) = results["mem"][(lo, c)], results["mem"][(hi, c)]
+            o_lo, o_hi = report.ours[(lo, c)][1], report.ours[(hi, c)][1]
             per_o, per_m = (o_hi - o_lo) / (hi - lo), (m_hi - m_lo) / (hi - lo)
-            results.setdefault("per_session", {})[c] = per_o
             label = f"ours{' compile=True' if c else ''}"
             report.say(
                 f"memory per session ({label}): {per_o / 2**20:.1f} MiB; moshi {per_m / 2**20:.1f} MiB"
@@ -479,22 +523,34 @@ def part_speed(report: Report, device: torch.device, root: Path, ref: Any) -> di
             report.lines += [
                 f"| per session, from batch {lo} to {hi} (MiB), {label} "
                 f"| {per_o / 2**20:.1f} | {per_m / 2**20:.1f} |",
-                f"| engine at batch {hi} (GiB), {label} | {o_hi / 2**30:.2f} | {m_hi / 2**30:.2f} |",
+                f"| added at batch {hi} (GiB; ours with its weights, moshi without), {label} "
+                f"| {o_hi / 2**30:.2f} | {m_hi / 2**30:.2f} |",
             ]
         report.lines += [""]
-    return results
+    if report.latency:
+        report.lines += [
+            "First audio (ms from `open_session` with the whole text to the first 80 ms chunk), sessions "
+            f"arriving at uniformly random times within {args.window:g} s, max_sessions = sessions"
+            f"{', compile=True' if modes[-1] else ''}:",
+            "",
+            "| sessions | p50 ms | p95 ms |",
+            "|---:|---:|---:|",
+            *[f"| {n} | {p50:.0f} | {p95:.0f} |" for n, (p50, p95) in sorted(report.latency.items())],
+            "",
+        ]
+    if report.skipped:
+        report.lines += [
+            f"Not measured (time budget spent): sizes {', '.join(map(str, report.skipped))}.",
+            "",
+        ]
 
 
 # ------------------------------------------------------------------------------------------------
 # part 3: first audio, sessions arriving at random times with their text ready
 
 
-def first_audio_ms(
-    root: Path, device: torch.device, args: argparse.Namespace, n: int, compiled: bool
-) -> list[float]:
-    engine = open_engine(
-        root, device, args.dtype, compiled, max_sessions=n, max_waiting=n, num_threads=args.threads
-    )
+def first_audio_ms(engine: TTSEngine, args: argparse.Namespace, n: int) -> list[float]:
+    """First-audio times (ms) of `n` sessions arriving at random times within `args.window`."""
     sessions = []
     try:
         # Warm-up: n sessions at once until each has made audio (compiles and captures every batch
@@ -538,87 +594,53 @@ def first_audio_ms(
     finally:
         for s in sessions:
             s.cancel()
-        close_engine(engine)
     return [x * 1000 for x in latencies]
-
-
-def part_latency(report: Report, device: torch.device, root: Path) -> dict[int, tuple[float, float]]:
-    args = report.args
-    compiled = compile_modes(args)[-1]
-    out: dict[int, tuple[float, float]] = {}
-    for n in args.arrivals:
-        lat = first_audio_ms(root, device, args, n, compiled)
-        p50, p95 = float(np.percentile(lat, 50)), float(np.percentile(lat, 95))
-        out[n] = (p50, p95)
-        report.say(
-            f"first audio, {n} sessions arriving within {args.window:g} s: p50 {p50:.0f} ms, p95 {p95:.0f} ms"
-        )
-    report.lines += [
-        "First audio (ms from `open_session` with the whole text to the first 80 ms chunk), sessions "
-        f"arriving at uniformly random times within {args.window:g} s, engine with max_sessions = sessions"
-        f"{', compile=True' if compiled else ''}:",
-        "",
-        "| sessions | p50 ms | p95 ms |",
-        "|---:|---:|---:|",
-        *[f"| {n} | {p50:.0f} | {p95:.0f} |" for n, (p50, p95) in out.items()],
-        "",
-    ]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # targets, RESULTS.md
 
 
-def judge(
-    report: Report, speed: dict[str, Any] | None, latency: dict[int, tuple[float, float]] | None
-) -> None:
+def judge(report: Report) -> None:
+    """The issue's targets, pass/fail (n/a where the figure was not measured)."""
     args = report.args
     best = compile_modes(args)[-1]
-    note = (
-        ""
-        if report.args.device.startswith("cuda") and not args.smoke
-        else " (targets are for an H100-class GPU)"
+    gpu = args.device.startswith("cuda") and not args.smoke
+    note = "" if gpu else " (targets are for an H100-class GPU)"
+    ours = {b: ms for (b, c), (ms, _) in report.ours.items() if c == best}
+
+    def figure(value: float | None, fmt: str) -> str:
+        return "not measured" if value is None else fmt.format(value)
+
+    ms1 = ours.get(1)
+    report.check(
+        f"<= {TARGET_STEP_MS_B1:g} ms/step at batch 1{note}",
+        None if ms1 is None else ms1 <= TARGET_STEP_MS_B1,
+        figure(ms1, "{:.2f} ms"),
     )
-    if speed:
-        ours = speed["ours"]
-        if 1 in args.batch:
-            ms = ours[(1, best)]
-            report.check(
-                f"<= {TARGET_STEP_MS_B1:g} ms/step at batch 1{note}", ms <= TARGET_STEP_MS_B1, f"{ms:.2f} ms"
-            )
-        if 64 in args.batch:
-            ratio = speed["moshi"][64] / ours[(64, best)]
-            report.check(
-                f">= {TARGET_SPEEDUP_B64:g}x moshi at batch 64{note}",
-                ratio >= TARGET_SPEEDUP_B64,
-                f"x{ratio:.2f}",
-            )
-    if latency:
-        if 1 in latency:
-            p50 = latency[1][0]
-            report.check(
-                f"first audio p50 <= {TARGET_P50_FIRST_AUDIO_MS:g} ms, text ready{note}",
-                p50 <= TARGET_P50_FIRST_AUDIO_MS,
-                f"{p50:.0f} ms",
-            )
-        step = speed["ours"].get((TARGET_SESSIONS, best)) if speed else None
-        most = max(latency)
-        p95 = latency[most][1]
-        if step is None:
-            report.check(
-                f">= {TARGET_SESSIONS} real-time sessions{note}", None, f"batch {TARGET_SESSIONS} not run"
-            )
-        else:
-            passed = (
-                step <= REAL_TIME_STEP_MS and most >= TARGET_SESSIONS and p95 <= TARGET_P95_FIRST_AUDIO_MS
-            )
-            report.check(
-                f">= {TARGET_SESSIONS} real-time sessions (step <= {REAL_TIME_STEP_MS:g} ms at batch "
-                f"{TARGET_SESSIONS}) with p95 first audio <= {TARGET_P95_FIRST_AUDIO_MS:g} ms{note}",
-                passed,
-                f"{step:.1f} ms/step at batch {TARGET_SESSIONS}; p95 {p95:.0f} ms, {most} sessions arriving",
-            )
+    ratio = report.moshi[64][0] / ours[64] if 64 in ours and 64 in report.moshi else None
+    report.check(
+        f">= {TARGET_SPEEDUP_B64:g}x moshi at batch 64{note}",
+        None if ratio is None else ratio >= TARGET_SPEEDUP_B64,
+        figure(ratio, "x{:.2f}"),
+    )
+    p50 = report.latency[1][0] if 1 in report.latency else None
+    report.check(
+        f"first audio p50 <= {TARGET_P50_FIRST_AUDIO_MS:g} ms, text ready, one session{note}",
+        None if p50 is None else p50 <= TARGET_P50_FIRST_AUDIO_MS,
+        figure(p50, "{:.0f} ms"),
+    )
+    step = ours.get(TARGET_SESSIONS)
+    p95 = report.latency[TARGET_SESSIONS][1] if TARGET_SESSIONS in report.latency else None
+    what = (
+        f">= {TARGET_SESSIONS} real-time sessions (<= {REAL_TIME_STEP_MS:g} ms/step at batch "
+        f"{TARGET_SESSIONS}) with p95 first audio <= {TARGET_P95_FIRST_AUDIO_MS:g} ms{note}"
+    )
+    if step is None or p95 is None:
+        report.check(what, None, f"step {figure(step, '{:.1f} ms')}, p95 {figure(p95, '{:.0f} ms')}")
+    else:
+        passed = step <= REAL_TIME_STEP_MS and p95 <= TARGET_P95_FIRST_AUDIO_MS
+        report.check(what, passed, f"{step:.1f} ms/step; p95 {p95:.0f} ms")
 
 
 def write_results(report: Report, device: torch.device, started: float) -> None:
@@ -676,6 +698,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--step-timeout", type=float, default=None, help="s to wait for the timed steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--budget", type=float, default=None, help="s after which no new size starts (CUDA default 390)"
+    )
+    ap.add_argument(
         "--out",
         default=None,
         help="markdown file to append to (default benchmarks/RESULTS.md, none for --smoke)",
@@ -689,6 +714,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (2 if smoke else 10)
     args.compile = args.compile or ("on" if args.device.startswith("cuda") else "off")
     args.step_timeout = args.step_timeout or (600.0 if not args.device.startswith("cuda") else 300.0)
+    args.latency_sizes = args.arrivals if "latency" in args.parts else []
+    if args.budget is None and args.device.startswith("cuda") and not smoke:
+        args.budget = 390.0  # leaves the last sizes' engines time to finish within 8 minutes
     if args.out is None and not smoke:
         args.out = str(ROOT / "benchmarks" / "RESULTS.md")
     if smoke:
@@ -706,7 +734,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no CUDA device here: run on a GPU machine, or pass --device cpu (--smoke)")
     report = Report(args)
     report.say(f"gpu_check on {machine_line(device)}")
-    speed = latency = None
     with tempfile.TemporaryDirectory() as tmp:
         if "parity" in args.parts:
             report.lines += ["Greedy parity, tiny checkpoint (float32):", ""]
@@ -715,13 +742,8 @@ def main(argv: list[str] | None = None) -> int:
             size = "tiny" if args.smoke else "real"
             root = Path(args.checkpoint_dir or f"/tmp/kyutai-gpucheck-{size}-{args.dtype}")
             root, ref = build_checkpoint(root, args.smoke, getattr(torch, args.dtype), device, report)
-            if "speed" in args.parts:
-                speed = part_speed(report, device, root, ref)
-            del ref
-            reset_peak(device)
-            if "latency" in args.parts:
-                latency = part_latency(report, device, root)
-    judge(report, speed, latency)
+            part_engines(report, device, root, ref, started)
+    judge(report)
     if args.out:
         write_results(report, device, started)
     failed = [what for what, ok, _ in report.checks if ok is False]
