@@ -230,7 +230,8 @@ async def test_an_engine_failure_while_stepping_is_a_retried_api_error(tiny_engi
     monkeypatch.setattr(tiny_engine, "_step", broken_step)
     tts_ = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
     errors = error_events(tts_)
-    with pytest.raises(APIError, match="CUDA error") as err:
+    # The engine names the exception's type only (its text may carry a server's paths).
+    with pytest.raises(APIError, match=r"failed while stepping \(RuntimeError\)") as err:
         await run_stream(tts_, ["hello there, my friend"], ONE_RETRY)
     assert err.value.retryable  # as LiveKit's plugins treat an unexpected failure
     assert [e.recoverable for e in errors] == [True, False]
