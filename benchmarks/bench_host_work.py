@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -88,16 +89,26 @@ def time_ours(root: Path, batch: int, n_q: int, temperature: float, **engine_kwa
     return statistics.median(times) * 1000
 
 
-def time_moshi(root: Path, batch: int, n_q: int, temperature: float) -> float | None:
-    """Median ms between two frames of moshi's `TTSModel.generate` (its second run)."""
+def _moshi(root: Path, n_q: int, temperature: float) -> tuple[Any, Any, Any] | None:
+    """moshi's `TTSModel` on a copy of the checkpoint, with TEXT's entries and the conditions, or
+    None without moshi (a test-only dependency)."""
     try:
         from tests.moshi_oracle import VOICES, build_moshi_checkpoint  # type: ignore[import-not-found]
     except Exception:
         return None
-    ckpt = build_moshi_checkpoint(root / "moshi-time")
+    ckpt = build_moshi_checkpoint(root)
     tts = ckpt.load_moshi(n_q=n_q, temp=temperature)
     entries = tts.prepare_script([TEXT], padding_between=1)
     attrs = tts.make_condition_attributes([ckpt.voice_path(VOICES[0])], cfg_coef=2.0)
+    return tts, entries, attrs
+
+
+def time_moshi(root: Path, batch: int, n_q: int, temperature: float) -> float | None:
+    """Median ms between two frames of moshi's `TTSModel.generate` (its second run)."""
+    loaded = _moshi(root / "moshi-time", n_q, temperature)
+    if loaded is None:
+        return None
+    tts, entries, attrs = loaded
     stamps: list[float] = []
     tts.generate([entries] * batch, [attrs] * batch)
     tts.generate([entries] * batch, [attrs] * batch, on_frame=lambda *_: stamps.append(time.perf_counter()))
@@ -106,14 +117,10 @@ def time_moshi(root: Path, batch: int, n_q: int, temperature: float) -> float | 
 
 def measure_moshi(root: Path, batch: int, n_q: int, temperature: float) -> tuple[float, float] | None:
     """moshi's `TTSModel.generate` on the same checkpoint: (ops, syncs) per step, or None without moshi."""
-    try:
-        from tests.moshi_oracle import VOICES, build_moshi_checkpoint  # type: ignore[import-not-found]
-    except Exception:
+    loaded = _moshi(root / "moshi", n_q, temperature)
+    if loaded is None:
         return None
-    ckpt = build_moshi_checkpoint(root / "moshi")
-    tts = ckpt.load_moshi(n_q=n_q, temp=temperature)
-    entries = tts.prepare_script([TEXT], padding_between=1)
-    attrs = tts.make_condition_attributes([ckpt.voice_path(VOICES[0])], cfg_coef=2.0)
+    tts, entries, attrs = loaded
     counter = HostWorkCounter()
     steps = 0
 
