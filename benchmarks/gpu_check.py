@@ -270,20 +270,6 @@ def lm_and_mimi_configs(smoke: bool) -> tuple[dict[str, Any], dict[str, Any] | N
     return copy.deepcopy(REAL_CONFIG_JSON), None
 
 
-_NON_LM_KEYS = {
-    "moshi_name",
-    "mimi_name",
-    "mimi_config_name",
-    "tokenizer_name",
-    "lora_name",
-    "model_type",
-    "lm_gen_config",
-    "tts_config",
-    "stt_config",
-    "model_id",
-}
-
-
 def build_checkpoint(
     root: Path, smoke: bool, dtype: torch.dtype, device: torch.device, report: Report
 ) -> tuple[Path, Any]:
@@ -295,7 +281,8 @@ def build_checkpoint(
     from moshi.models import loaders
     from safetensors.torch import save_file
 
-    from tests.moshi_oracle import _fused_names  # the released files' attention names
+    # The released files' attention names, and the config keys that are not LM arguments.
+    from tests.moshi_oracle import _NON_LM_KEYS, _fused_names
 
     config, mimi_config = lm_and_mimi_configs(smoke)
     if mimi_config is not None:

@@ -20,7 +20,9 @@ import pytest
 
 from kyutai_tts_plugin.engine import StreamingSession, TTSEngine
 from kyutai_tts_plugin.testing import TEST_VOICES, StepRecorder
-from kyutai_tts_plugin.types import AudioChunk, SessionOptions, WordTiming
+from kyutai_tts_plugin.types import SessionOptions, WordTiming
+
+from .test_engine_parity import collect
 
 BATCH = 16
 ROUNDS = 8
@@ -56,12 +58,7 @@ def mixed_options(rng: random.Random, round_index: int) -> list[tuple[str, Sessi
 
 
 def drain(rec: StepRecorder, session: StreamingSession) -> Outcome:
-    chunks, words = [], []
-    for ev in session:
-        if isinstance(ev, AudioChunk):
-            chunks.append(ev.pcm)
-        else:
-            words.append(ev)
+    chunks, words = collect(session)
     return rec.tokens(session), np.concatenate(chunks), words
 
 
