@@ -1,8 +1,9 @@
 """Host work per engine step: aten ops and device->host syncs, at batch 1, 16 and 64 (tiny checkpoint).
 
 Counts, not time: the numbers do not depend on the machine. One thread. `--time` adds the median
-milliseconds per step (ours: steps where every session generates audio; moshi: between its frames),
-measured in the same run, so read the ratios.
+milliseconds per step, measured in the same run (read the ratios), as "LM step + Mimi decoding": ours
+are the steps where every session generates audio, split at the engine's one Mimi call; moshi's
+`generate` does not decode, so its Mimi is timed frame by frame afterwards, as its `run_tts.py` does.
 
     PYTHONPATH=$PWD python3 benchmarks/bench_host_work.py [--batch 1 16 64] [--n-q 16] [--temperature 0.6]
         [--moshi] [--time] [--compile]
@@ -11,6 +12,7 @@ measured in the same run, so read the ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -68,56 +70,81 @@ def measure_ours(
     return sum(o for o, _ in full) / len(full), sum(s for _, s in full) / len(full)
 
 
-def time_ours(root: Path, batch: int, n_q: int, temperature: float, **engine_kwargs: object) -> float:
-    """Median ms of the steps where all `batch` sessions generate audio (after one warm-up run)."""
+def time_ours(
+    root: Path, batch: int, n_q: int, temperature: float, **engine_kwargs: object
+) -> tuple[float, float]:
+    """Median ms of the steps where all `batch` sessions generate audio (after one warm-up run):
+    (the whole step, the Mimi decoding inside it)."""
     engine = _engine(root, batch, **engine_kwargs)
-    times: list[float] = []
+    times: list[tuple[float, float]] = []
     original = engine._step
+    decoder = engine.generator.decoder
+    original_decode = decoder.decode_step
+    in_decode = [0.0]
+
+    def decode_step(*args: Any) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = original_decode(*args)
+        in_decode[0] += time.perf_counter() - t0
+        return out
 
     def step(sessions: list, *args: object) -> None:
+        in_decode[0] = 0.0
         t0 = time.perf_counter()
         original(sessions, *args)
         if len(sessions) == batch and all(s.run is None or s.run.step > engine.delay_steps for s in sessions):
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, in_decode[0]))
 
     try:
         _run_sessions(engine, batch, n_q, temperature)  # warm-up (and compilation with --compile)
         engine._step = step  # type: ignore[method-assign]
+        decoder.decode_step = decode_step  # type: ignore[method-assign]
         _run_sessions(engine, batch, n_q, temperature)
     finally:
         engine.close()
-    return statistics.median(times) * 1000
+    return statistics.median(t for t, _ in times) * 1000, statistics.median(d for _, d in times) * 1000
 
 
 def _moshi(root: Path, n_q: int, temperature: float) -> tuple[Any, Any, Any] | None:
-    """moshi's `TTSModel` on a copy of the checkpoint, with TEXT's entries and the conditions, or
-    None without moshi (a test-only dependency)."""
+    """moshi's `TTSModel` on the same checkpoint as ours (same weights, so the same token
+    distributions), with TEXT's entries and the conditions, or None without moshi (test-only)."""
     try:
-        from tests.moshi_oracle import VOICES, build_moshi_checkpoint  # type: ignore[import-not-found]
+        from tests.moshi_oracle import VOICES, MoshiCheckpoint  # type: ignore[import-not-found]
     except Exception:
         return None
-    ckpt = build_moshi_checkpoint(root)
+    ckpt = MoshiCheckpoint(root, json.loads((root / "config.json").read_text()), root / "voices")
     tts = ckpt.load_moshi(n_q=n_q, temp=temperature)
     entries = tts.prepare_script([TEXT], padding_between=1)
     attrs = tts.make_condition_attributes([ckpt.voice_path(VOICES[0])], cfg_coef=2.0)
     return tts, entries, attrs
 
 
-def time_moshi(root: Path, batch: int, n_q: int, temperature: float) -> float | None:
-    """Median ms between two frames of moshi's `TTSModel.generate` (its second run)."""
-    loaded = _moshi(root / "moshi-time", n_q, temperature)
+def time_moshi(root: Path, batch: int, n_q: int, temperature: float) -> tuple[float, float] | None:
+    """moshi's `TTSModel.generate` (its second run): median ms between two frames, and median ms to
+    decode one frame with its Mimi, streaming, frame by frame as its `run_tts.py` does after
+    generating (`generate` itself does not decode)."""
+    loaded = _moshi(root, n_q, temperature)
     if loaded is None:
         return None
     tts, entries, attrs = loaded
     stamps: list[float] = []
     tts.generate([entries] * batch, [attrs] * batch)
-    tts.generate([entries] * batch, [attrs] * batch, on_frame=lambda *_: stamps.append(time.perf_counter()))
-    return statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False)) * 1000
+    result = tts.generate(
+        [entries] * batch, [attrs] * batch, on_frame=lambda *_: stamps.append(time.perf_counter())
+    )
+    decode: list[float] = []
+    with torch.no_grad(), tts.mimi.streaming(batch):
+        for frame in result.frames[tts.delay_steps :]:
+            t0 = time.perf_counter()
+            tts.mimi.decode(frame[:, 1:])
+            decode.append(time.perf_counter() - t0)
+    step = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return step * 1000, statistics.median(decode) * 1000
 
 
 def measure_moshi(root: Path, batch: int, n_q: int, temperature: float) -> tuple[float, float] | None:
     """moshi's `TTSModel.generate` on the same checkpoint: (ops, syncs) per step, or None without moshi."""
-    loaded = _moshi(root / "moshi", n_q, temperature)
+    loaded = _moshi(root, n_q, temperature)
     if loaded is None:
         return None
     tts, entries, attrs = loaded
@@ -155,14 +182,14 @@ def main() -> None:
             ops, syncs = measure_ours(root, b, args.n_q, args.temperature)
             line = f"{b:>5} {ops:>10.0f} {syncs:>11.1f}"
             if args.moshi:
-                ref = measure_moshi(Path(tmp), b, args.n_q, args.temperature)
+                ref = measure_moshi(root, b, args.n_q, args.temperature)
                 line += "   n/a" if ref is None else f"   {ref[0]:>14.0f} {ref[1]:>11.1f}"
             if args.time:
-                ms = time_ours(root, b, args.n_q, args.temperature, compile=args.compile)
-                line += f"   ours {ms:.1f} ms/step"
+                ms, mimi_ms = time_ours(root, b, args.n_q, args.temperature, compile=args.compile)
+                line += f"   ours {ms - mimi_ms:.1f} + Mimi {mimi_ms:.1f} ms/step"
                 if args.moshi:
-                    ref_ms = time_moshi(Path(tmp), b, args.n_q, args.temperature)
-                    line += "" if ref_ms is None else f"   moshi {ref_ms:.1f} ms/step"
+                    ref = time_moshi(root, b, args.n_q, args.temperature)
+                    line += "" if ref is None else f"   moshi {ref[0]:.1f} + Mimi {ref[1]:.1f} ms/step"
             print(line, flush=True)
 
 

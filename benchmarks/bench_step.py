@@ -83,7 +83,7 @@ def our_steps(ours: LMModel, mimi: MimiModel, batch: int, n_q: int, compile: boo
     while True:
         t0 = time.perf_counter()
         sampled = gen.text_step(batch)
-        gen.audio_step(sampled, n_q, [])
+        gen.audio_step(sampled, n_q, decode=False)
         yield time.perf_counter() - t0
 
 

@@ -977,15 +977,13 @@ class TTSEngine:
         # Frame t - max_delay is complete now: its semantic token is from then, acoustic from now.
         decode = [i for i, r in enumerate(runs_) if r.step - self._max_delay >= self.delay_steps]
         audio_span, pcm_np = gen.audio_step(
-            fed_span,
-            max((r.settings.n_q for r in deep), default=0),
-            [runs_[i].row for i in decode],
+            fed_span, max((r.settings.n_q for r in deep), default=0), bool(decode)
         )
         audio_host = audio_span[[r.row for r in runs_]].tolist()
         chunks: dict[int, AudioChunk] = {}
-        for j, i in enumerate(decode):
+        for i in decode:
             index = runs_[i].step - self._max_delay - self.delay_steps
-            chunks[i] = AudioChunk(pcm_np[j], index * FRAME_DURATION_S)
+            chunks[i] = AudioChunk(pcm_np[runs_[i].row].copy(), index * FRAME_DURATION_S)
 
         observed: list[SessionStep] = []
         # Being stepped is progress (idle_timeout_s counts waiting for text or a reader, not a slow

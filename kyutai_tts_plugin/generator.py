@@ -9,15 +9,16 @@ A step runs the first `span` slots, `span` taken from a few batch buckets (power
 `max_sessions`), whoever of them is really stepping: a row that waits (for words, for its reader) or
 is empty is computed and masked, never removed, as the reference's `exec_mask` does. Slots are handed
 out lowest first, so the span follows the number of sessions. The two halves of a step, backbone
-(+ text sampling) and depformer (+ audio sampling and the slots' bookkeeping), are pure tensor
-programs of static shape for a given (span, n_q): `compile=True` compiles each with
-`torch.compile(fullgraph=True)`, with CUDA graphs on a CUDA device. Mimi decodes the rows due a frame
-in one eager call.
+(+ text sampling) and depformer (+ audio sampling, the slots' bookkeeping and Mimi), are pure tensor
+programs of static shape for a given (span, n_q, candidate bound): `compile=True` compiles each with
+`torch.compile(fullgraph=True)`, with CUDA graphs on a CUDA device. Mimi decodes every slot of the
+span, and only the slots due a frame move their decoder state on (masked writes).
 
 A step makes at most two device->host transfers: the sampled text tokens (the DSM state machine runs
 on the host, like the reference's text hook), then one packed tensor with the audio tokens and the
-decoded PCM. Sampling uses a counter-based noise keyed by (seed, step, stream, vocabulary entry), so a
-seeded session draws the same tokens alone and in any batch.
+decoded PCM. Sampling uses a counter-based noise keyed by (seed, step, stream, vocabulary entry), and
+a top-k whose ties break by vocabulary id, so a seeded session draws the same tokens alone and in any
+batch; the noise is drawn only for the ranked candidates (the span's largest top-k).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from . import dsm
 from .lm import LMModel, LMState, backbone_step, depformer_step
 from .mimi import MimiModel, MimiStreamingDecoder
-from .sampling import exponential_noise, sample, sample_with_noise, stream_keys, to_seed
+from .sampling import sample, stream_keys, to_seed
 
 # Compiled variants per half: batch buckets x n_q values in use.
 COMPILE_VARIANTS = 64
@@ -57,6 +58,19 @@ class SlotSettings:
     n_q: int
     padding_bonus: float
     seed: int
+
+
+def candidate_bound(settings: Iterable[SlotSettings | None], text: bool, vocab: int) -> int:
+    """How many ranked candidates a step samples from: the largest top-k of the sampling rows,
+    rounded up to a power of two so that few shapes are compiled (any bound at least that large
+    draws the same tokens); 1 when every row is greedy."""
+    bound = 1
+    for s in settings:
+        if s is None or (s.temperature_text if text else s.temperature) <= 0:
+            continue
+        k = s.top_k_text if text else s.top_k
+        bound = max(bound, vocab if k <= 0 else k)
+    return min(vocab, 1 << (bound - 1).bit_length())
 
 
 @dataclass
@@ -109,7 +123,7 @@ class Generator:
         # once its acoustic tokens exist, max_delay steps after its semantic token.
         self.history = torch.zeros(max_sessions, self.max_delay + 1, **i64)
         self.streams = torch.arange(1 + self.dep_q, **i64)  # 0: text; 1 + q: codebook q
-        self.vocab = torch.arange(self.audio_vocab, **i64)
+        self.settings: list[SlotSettings | None] = [None] * max_sessions  # host copies, for static shapes
         self._pending: _Pending | None = None
         self._text: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = self._text_tensors
         self._audio: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._audio_tensors
@@ -140,6 +154,7 @@ class Generator:
             self.step,
             self.prev,
             self.history,
+            *self.decoder.state.buffers.values(),
         ]
 
     def join(
@@ -157,6 +172,7 @@ class Generator:
             assert self.lm_state.cross_k is not None and self.lm_state.cross_v is not None
             torch._dynamo.mark_static_address(self.lm_state.cross_k)
             torch._dynamo.mark_static_address(self.lm_state.cross_v)
+        self.settings[row] = settings
         self.temperature[row] = settings.temperature
         self.temperature_text[row] = settings.temperature_text
         self.top_k[row] = settings.top_k
@@ -181,20 +197,21 @@ class Generator:
         Only the slots the caller then feeds in `audio_step` advance: for the others this step is
         computed and forgotten.
         """
-        hidden, keys, sampled = self._text(span)
+        k_text = candidate_bound(self.settings[:span], True, self.text_vocab)
+        hidden, keys, sampled = self._text(span, k_text)
         self._pending = _Pending(span, hidden, keys)
         return sampled.tolist()
 
     @torch.no_grad()
-    def audio_step(
-        self, fed: Sequence[int], n_q: int, decode: Sequence[int]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def audio_step(self, fed: Sequence[int], n_q: int, decode: bool) -> tuple[np.ndarray, np.ndarray]:
         """Finish the step. `fed`: per slot of the span, the text token the state machine fed, or -1
         for a slot that does not advance. Runs the depformer on the span up to `n_q` codebooks (none
-        when 0), then Mimi on the slots `decode`, in one call each.
+        when 0), then, with `decode`, Mimi on the span: the slots due a frame (stepping, their first
+        frame complete) advance their decoder.
 
-        Returns (audio tokens [span, dep_q] int, -1 where none; pcm [len(decode), frame] float32),
-        brought to the host in one transfer (host sync 2; none when `n_q` is 0).
+        Returns (audio tokens [span, dep_q] int, -1 where none; pcm [span, frame] float32, meaningful
+        for the slots due a frame, empty without `decode`), brought to the host in one transfer (host
+        sync 2; none when `n_q` is 0).
         """
         pending = self._pending
         assert pending is not None, "text_step must come first"
@@ -202,28 +219,24 @@ class Generator:
         span = pending.span
         if len(fed) != span:
             raise ValueError(f"fed has {len(fed)} slots, the step spans {span}")
+        decode = decode and n_q > 0
         fed_t = torch.tensor(list(fed), dtype=torch.long).to(self.device, non_blocking=True)
-        audio, semantic = self._audio(span, n_q, pending.hidden, pending.keys, fed_t)
+        k_audio = candidate_bound(self.settings[:span], False, self.audio_vocab)
+        audio, pcm = self._audio(span, n_q, k_audio, decode, pending.hidden, pending.keys, fed_t)
         if n_q == 0:
             return np.full((span, self.dep_q), -1, dtype=np.int32), np.zeros(
                 (0, self.mimi.frame_size), np.float32
             )
-        pcm = torch.zeros(0, self.mimi.frame_size, dtype=torch.float32, device=self.device)
-        if decode:
-            di = torch.tensor(list(decode), dtype=torch.long).to(self.device, non_blocking=True)
-            # Codebooks past a row's n_q are -1: Mimi leaves them out (they add exactly zero).
-            codes = torch.cat([semantic[di, None], audio[di, 1 : max(n_q, 1)]], dim=1)[:, :, None]
-            pcm = self.decoder.decode_step(codes, list(decode)).clamp(-1, 1).float()
         packed = torch.cat([audio.to(torch.int32).view(torch.float32).flatten(), pcm.flatten()])
         host = packed.cpu().numpy()
         split = span * self.dep_q
         return host[:split].view(np.int32).reshape(span, self.dep_q), host[split:].reshape(
-            len(decode), self.mimi.frame_size
+            -1, self.mimi.frame_size
         )
 
     # -- the two halves as pure tensor programs (compiled with compile=True) --------------------
 
-    def _text_tensors(self, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _text_tensors(self, span: int, k_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         step = self.step[:span]
         prev = self.prev[:span]
         tokens = torch.where(step[:, None] <= self.delays[None], self.initial[None], prev)
@@ -232,28 +245,27 @@ class Generator:
         bonus[:, dsm.PAD] = self.padding_bonus[:span]
         logits = (logits.float() + bonus).to(logits.dtype)
         keys = stream_keys(self.seed[:span], step, self.streams)
-        # Each row's top-k over the whole sorted vocabulary: its draw never depends on other rows.
-        sampled = sample(
-            logits, self.temperature_text[:span], self.top_k_text[:span], keys[:, 0], self.text_vocab
-        )
+        sampled = sample(logits, self.temperature_text[:span], self.top_k_text[:span], keys[:, 0], k_text)
         return hidden, keys, sampled
 
     def _audio_tensors(
-        self, span: int, n_q: int, hidden: torch.Tensor, keys: torch.Tensor, fed: torch.Tensor
+        self,
+        span: int,
+        n_q: int,
+        k_audio: int,
+        decode: bool,
+        hidden: torch.Tensor,
+        keys: torch.Tensor,
+        fed: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         active = fed >= 0
         step = self.step[:span]
         audio = torch.full((span, self.dep_q), -1, dtype=torch.long, device=fed.device)
         if n_q > 0:
             temp, top_k, row_nq = self.temperature[:span], self.top_k[:span], self.n_q[:span]
-            # The noise of every codebook and vocabulary entry at once; each codebook reads it at
-            # its top-k entries.
-            noise = exponential_noise(keys[:, 1 : 1 + n_q], self.vocab.expand(1, 1, -1))
 
             def choose(q: int, logits: torch.Tensor) -> torch.Tensor:
-                tok = sample_with_noise(
-                    logits, temp, top_k, lambda entries: noise[:, q].gather(-1, entries), self.audio_vocab
-                )
+                tok = sample(logits, temp, top_k, keys[:, 1 + q], k_audio)
                 return torch.where(row_nq > q, tok, torch.full_like(tok, -1))  # past the row's n_q: none
 
             codes = depformer_step(self.model, hidden, fed.clamp(min=0), n_q, choose)
@@ -268,5 +280,13 @@ class Generator:
         cell = step % cells
         self.history[rows, cell] = torch.where(active, audio[:, 0], self.history[rows, cell])
         semantic = self.history[rows, (step - self.max_delay) % cells]
+        # Frame step - max_delay is complete now: its semantic token is from then, its acoustic ones
+        # from now. (Computed before the step counters move: `step` is a view of them.)
+        due = active & (step >= self.max_delay + self.delay_steps)
         self.step[:span] = step + active.long()
-        return audio, semantic
+        pcm = torch.zeros(span if decode else 0, self.mimi.frame_size, device=fed.device)
+        if decode:
+            # Codebooks past a row's n_q are -1: Mimi leaves them out.
+            codes = torch.cat([semantic[:, None], audio[:, 1 : max(n_q, 1)]], dim=1)[:, :, None]
+            pcm = self.decoder.decode_span(codes, due).clamp(-1, 1).float()
+        return audio, pcm

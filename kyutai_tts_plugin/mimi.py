@@ -205,9 +205,47 @@ class _StreamState:
     def write(self, key: Hashable, value: torch.Tensor) -> None:
         self.buffers[key][self.rows] = value
 
+    def write_cells(self, key: Hashable, cells: torch.Tensor, value: torch.Tensor) -> None:
+        """Write `value` [n, t, ...] at positions `cells` [n, t] of dim 2 (a ring cache) of the rows."""
+        self.buffers[key][self.index[:, None], :, cells] = value
+
     def clear(self) -> None:
         for buf in self.buffers.values():
             buf[self.rows] = 0
+
+    def first_rows(self, span: int, advance: torch.Tensor) -> _MaskedRows:
+        """The first `span` rows, every one computed, only those with `advance` [span] bool written
+        back: static shapes, so a decode over a span compiles (the rows not due keep their state)."""
+        return _MaskedRows(self.buffers, span, advance)
+
+
+class _MaskedRows:
+    """The `_StreamState` interface on rows 0..span-1 whose writes keep the old value where `advance`
+    is False."""
+
+    def __init__(self, buffers: dict[Hashable, torch.Tensor], span: int, advance: torch.Tensor) -> None:
+        self.buffers = buffers
+        self.rows = slice(0, span)
+        self.index = torch.arange(span, device=advance.device)
+        self.advance = advance
+
+    def _keep(self, value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.advance.view(-1, *(1,) * (value.dim() - 1)), value, old)
+
+    def read(self, key: Hashable) -> torch.Tensor:
+        return self.buffers[key][self.rows]
+
+    def write(self, key: Hashable, value: torch.Tensor) -> None:
+        buf = self.buffers[key]
+        buf[self.rows] = self._keep(value, buf[self.rows])
+
+    def write_cells(self, key: Hashable, cells: torch.Tensor, value: torch.Tensor) -> None:
+        buf = self.buffers[key]
+        where = (self.index[:, None], slice(None), cells)
+        buf[where] = self._keep(value, buf[where])
+
+
+_StreamLike = _StreamState | _MaskedRows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +278,7 @@ class _CausalConv1d(nn.Module):
         if self.context:
             state.add(self, (self.conv.conv.in_channels, self.context), self.conv.conv.weight.dtype)
 
-    def forward(self, x: torch.Tensor, state: _StreamState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: _StreamLike | None = None) -> torch.Tensor:
         if not self.context:
             return self.conv.conv(x)
         if state is not None:
@@ -271,7 +309,7 @@ class _CausalConvTranspose1d(nn.Module):
         if self.overlap:
             state.add(self, (self.convtr.convtr.out_channels, self.overlap), self.convtr.convtr.weight.dtype)
 
-    def forward(self, x: torch.Tensor, state: _StreamState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: _StreamLike | None = None) -> torch.Tensor:
         conv, n = self.convtr.convtr, self.overlap
         y = conv(x)
         if not n:
@@ -287,7 +325,7 @@ class _CausalConvTranspose1d(nn.Module):
 class _ELU(nn.ELU):
     """ELU that accepts (and ignores) the stream state, so a SEANet stack is a plain loop."""
 
-    def forward(self, x: torch.Tensor, state: _StreamState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: _StreamLike | None = None) -> torch.Tensor:
         return super().forward(x)
 
 
@@ -305,7 +343,7 @@ class _ResBlock(nn.Module):
             ]
         )
 
-    def forward(self, x: torch.Tensor, state: _StreamState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: _StreamLike | None = None) -> torch.Tensor:
         h = x
         for layer in self.block:
             h = layer(h, state)
@@ -346,7 +384,7 @@ class _SEANet(nn.Module):
             layers += [_ELU(), _CausalConv1d(mult * nf, dim, lk)]
         self.model = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor, state: _StreamState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: _StreamLike | None = None) -> torch.Tensor:
         for layer in self.model:
             x = layer(x, state)
         return x
@@ -379,7 +417,7 @@ class _Attention(nn.Module):
         state.add((self, "k"), shape, self.in_proj_weight.dtype)
         state.add((self, "v"), shape, self.in_proj_weight.dtype)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: _StreamState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: _StreamLike | None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = F.linear(x, self.in_proj_weight).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k = _rope(q, pos, self.max_period), _rope(k, pos, self.max_period)
@@ -389,9 +427,8 @@ class _Attention(nn.Module):
             if t > self.context:
                 raise ValueError(f"at most {self.context} positions per streaming step, got {t}")
             cells = pos % self.context
-            rows = state.index[:, None]
-            state.buffers[(self, "k")][rows, :, cells] = k.transpose(1, 2)
-            state.buffers[(self, "v")][rows, :, cells] = v.transpose(1, 2)
+            state.write_cells((self, "k"), cells, k.transpose(1, 2))
+            state.write_cells((self, "v"), cells, v.transpose(1, 2))
             k, v = state.read((self, "k")), state.read((self, "v"))
             last = pos[:, -1:]
             # Position held by each cell; negative: never written since the row's reset.
@@ -424,7 +461,7 @@ class _TransformerLayer(nn.Module):
         self.layer_scale_1 = _LayerScale(d, scale) if scale is not None else nn.Identity()
         self.layer_scale_2 = _LayerScale(d, scale) if scale is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: _StreamState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, state: _StreamLike | None) -> torch.Tensor:
         x = x + self.layer_scale_1(self.self_attn(self.norm1(x), pos, state))
         return x + self.layer_scale_2(self.linear2(F.gelu(self.linear1(self.norm2(x)))))
 
@@ -442,7 +479,7 @@ class _Transformer(nn.Module):
         for layer in self.transformer.layers:
             layer.self_attn.init_state(state)
 
-    def forward(self, x: torch.Tensor, state: _StreamState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: _StreamLike | None = None) -> torch.Tensor:
         x = x.transpose(1, 2)
         b, t, _ = x.shape
         start = state.read(self) if state is not None else torch.zeros(b, dtype=torch.long, device=x.device)
@@ -633,7 +670,7 @@ class MimiModel(nn.Module):
 
     # -- codec ---------------------------------------------------------------------------------
 
-    def _decode(self, codes: torch.Tensor, state: _StreamState | None) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor, state: _StreamLike | None) -> torch.Tensor:
         x = self.quantizer.decode(codes)
         if self.upsample is not None:
             x = self.upsample.convtr(x, state)
@@ -754,6 +791,12 @@ class MimiStreamingDecoder:
         """Forget these rows' streams (a new session takes the slot)."""
         self.state.select(rows)
         self.state.clear()
+
+    def decode_span(self, codes: torch.Tensor, advance: torch.Tensor) -> torch.Tensor:
+        """codes [span, n_q, 1] of slots 0..span-1 -> pcm [span, frame_size] (not clamped). Every row
+        is decoded (static shapes, for a compiled step); only the rows with `advance` [span] bool move
+        their streams on, and only their pcm means anything."""
+        return self.mimi._decode(codes, self.state.first_rows(codes.shape[0], advance))[:, 0]
 
     @torch.no_grad()
     def decode_step(self, codes: torch.Tensor, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:

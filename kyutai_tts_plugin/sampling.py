@@ -65,9 +65,15 @@ def stream_keys(seed: torch.Tensor, step: torch.Tensor, streams: torch.Tensor) -
 
 def exponential_noise(keys: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
     """E ~ Exp(1), float32, for vocabulary `entries` [*keys.shape, K] of the streams `keys`."""
-    z = mix64(keys[..., None] + (entries + 1) * _GOLDEN)
-    u = (_srl(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # 24 random bits, in (0, 1)
-    return -torch.log(u)
+    return -torch.log(open_unit_interval(mix64(keys[..., None] + (entries + 1) * _GOLDEN)))
+
+
+def open_unit_interval(z: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in (0, 1) from the top 23 bits of int64 `z`: (x + 0.5) / 2**23 lies in
+    [2**-24, 1 - 2**-24], both exact in float32, so -log(u) > 0. (With 24 bits the top value rounds
+    to 1.0, E to 0, and a candidate outside the top-k gets 0 / 0 = NaN, which argmax takes for the
+    maximum: once in ~16 million draws per entry, a token outside the top-k.)"""
+    return (_srl(z, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 NoiseAt = Callable[[torch.Tensor], torch.Tensor]
@@ -79,12 +85,29 @@ def sample(
     """Pick one token per row of `logits` [n, ..., V] with the counter-based noise of `keys` [n, ...].
 
     temperature [n] float (0 = greedy), top_k [n] long (0 = whole vocabulary); `max_top_k` bounds
-    every row's effective top-k (V if any row has top_k 0), so all shapes are static.
-    Returns [n, ...] long.
+    the effective top-k of every sampled row (V if one has top_k 0), so all shapes are static. Any
+    bound at least that large gives the same tokens. Returns [n, ...] long.
     """
     return sample_with_noise(
         logits, temperature, top_k, lambda entries: exponential_noise(keys, entries), max_top_k
     )
+
+
+def rank_order(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `k` (values, entries) of `probs` [..., V] (>= 0) in a total order: value descending,
+    then vocabulary id ascending (what a stable descending sort gives).
+
+    A plain top-k breaks ties at its boundary as it likes, so a row's candidates would depend on the
+    k asked for, hence on the batch. Packing (float bits, reversed id) into one int64 makes every key
+    distinct: the first k ranks are then the same whatever k is, at the cost of a top-k, not a sort.
+    """
+    vocab = probs.shape[-1]
+    # Non-negative float32 values order like their bit patterns read as integers.
+    bits = probs.contiguous().view(torch.int32).long()
+    reversed_id = torch.arange(vocab - 1, -1, -1, device=probs.device)
+    top = torch.topk((bits << 32) | reversed_id, k, dim=-1).values
+    entries = (vocab - 1) - (top & 0xFFFFFFFF)
+    return probs.gather(-1, entries), entries
 
 
 def sample_with_noise(
@@ -92,9 +115,9 @@ def sample_with_noise(
 ) -> torch.Tensor:
     """`sample` with the Exp(1) draws given by `noise_at(entries)` (entries [n, ..., K] vocabulary ids).
 
-    The noise is a function of the vocabulary entry, never of its rank, and only the top-k entries
-    need it: the top-k is applied as a mask over the sorted candidates (ranks past a row's k get
-    probability 0), then the race ``argmax(p / E)`` picks among them.
+    The noise is a function of the vocabulary entry, never of its rank, and only the candidates need
+    it: the top-k is a mask over the ranked candidates (ranks past a row's k get probability 0), then
+    the race ``argmax(p / E)`` picks among them.
     """
     vocab = logits.shape[-1]
     lead = logits.dim() - 1  # the dims before the vocabulary
@@ -103,12 +126,7 @@ def sample_with_noise(
     probs = torch.softmax(logits.float() / torch.where(temp > 0, temp, torch.ones_like(temp))[..., None], -1)
     k_max = max(1, min(max_top_k, vocab))
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=k_max)
-    if k_max == vocab:
-        # Every row sorts the whole vocabulary (the engine's case): a row's candidates then never
-        # depend on the other rows of its batch, ties included.
-        values, entries = torch.sort(probs, dim=-1, descending=True, stable=True)
-    else:
-        values, entries = torch.topk(probs, k_max, dim=-1)
+    values, entries = rank_order(probs, k_max)
     rank = torch.arange(k_max, device=logits.device)
     kept = torch.where(rank < k.view(-1, *(1,) * (lead - 1), 1), values, torch.zeros_like(values))
     choice = torch.argmax(kept / noise_at(entries), dim=-1, keepdim=True)

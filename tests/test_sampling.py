@@ -93,3 +93,38 @@ def test_noise_is_exponential():
     keys = stream_keys(torch.arange(64), torch.zeros(64, dtype=torch.long), torch.arange(4))
     e = ours.exponential_noise(keys, torch.arange(2048).expand(64, 4, 2048))
     assert abs(float(e.mean()) - 1.0) < 0.01 and abs(float(e.var()) - 1.0) < 0.03
+
+
+def test_ties_at_the_top_k_boundary_break_the_same_way_for_any_candidate_bound():
+    # Logits on a coarse grid: many exact ties, also at each row's k-th rank. The candidates must be a
+    # row's first k entries in (probability descending, id ascending) order whatever bound the batch
+    # asks for, else a row's draw would depend on its neighbours' top-k.
+    gen = torch.Generator().manual_seed(3)
+    n, vocab = 256, 512
+    logits = torch.randint(0, 6, (n, vocab), generator=gen).float()
+    noise = torch.empty(n, vocab).exponential_(1, generator=gen)
+    temps = torch.full((n,), 0.8)
+    topks = torch.tensor([1, 3, 7, 50, 100, 0, 128, 200] * (n // 8))
+
+    def draw(bound: int) -> torch.Tensor:
+        return sample_with_noise(logits, temps, topks, lambda entries: noise.gather(-1, entries), bound)
+
+    # The reference: a stable descending sort (ties in id order), the first k, the race, first max.
+    values, order = torch.sort(torch.softmax(logits / 0.8, -1), dim=-1, descending=True, stable=True)
+    k = torch.where(topks > 0, topks, torch.full_like(topks, vocab))
+    kept = torch.where(torch.arange(vocab) < k[:, None], values, torch.zeros_like(values))
+    choice = torch.argmax(kept / noise.gather(-1, order), dim=-1, keepdim=True)
+    expected = order.gather(-1, choice)[:, 0].tolist()
+    for bound in (vocab, 256):
+        rows = topks.clamp(max=bound) == topks  # rows whose k fits this bound (0 = whole vocabulary)
+        rows &= (topks > 0) | (bound == vocab)
+        got = draw(bound)
+        assert got[rows].tolist() == [e for e, r in zip(expected, rows.tolist(), strict=True) if r]
+
+
+def test_noise_is_positive_and_finite_at_both_ends_of_its_bits():
+    # All-ones bits used to give u = 1.0 in float32, E = 0, and NaN scores (argmax's favourite) for
+    # the candidates past a row's top-k: a bound-dependent draw outside the top-k.
+    u = ours.open_unit_interval(torch.tensor([-1, 0, 1 << 62]))
+    e = -torch.log(u)
+    assert bool(((u > 0) & (u < 1)).all()) and bool((e > 0).all()) and bool(torch.isfinite(e).all())

@@ -3,7 +3,7 @@
 Sampling draws its noise from a counter-based stream keyed by (seed, step, stream, entry), so a
 session's tokens may depend only on its own settings and text, never on which other sessions share
 its steps, on its slot, or on the engine step at which it joined. Checked end to end through the
-public API for 104 seeds: tokens (step observer), PCM and word timings.
+public API for 52 seeds: tokens (step observer), PCM and word timings.
 
 That the sampling law itself is moshi's (temperature, top-k, exponential race under the same noise)
 is shown in test_sampling.py::test_sampling_law_is_moshis_under_the_same_noise.
@@ -25,7 +25,7 @@ from kyutai_tts_plugin.types import SessionOptions, WordTiming
 from .test_engine_parity import collect
 
 BATCH = 16
-ROUNDS = 8
+ROUNDS = 4
 GREEDY_PER_ROUND = 3  # greedy sessions in each batch, mixed in with the seeded sampled ones
 WORDS = "hello world the quick brown fox jumps over lazy dog good morning everyone thank you".split()
 
@@ -119,5 +119,5 @@ def test_seeded_sessions_are_the_same_alone_and_in_mixed_batches(engines, test_s
             b = drain(alone_rec, open_one(alone_engine, text, replace(opts, seed=opts.seed ^ 1)))[0]
             assert a != b, f"{text!r} {opts}"
     assert not mismatches, f"{len(mismatches)} of {seeded} seeded sessions differ:\n" + "\n".join(mismatches)
-    assert seeded >= 100
+    assert seeded >= 50
     print(f"{seeded} seeded sessions: the same alone and in mixed batches of {BATCH}")
