@@ -302,12 +302,37 @@ async def test_a_url_has_one_caption_from_its_first_frame_to_the_next_word(tiny_
     # The caption spans the whole URL: open until the next word starts, where the URL's audio ends.
     assert not isinstance(caption.end_time, float) or caption.end_time == pytest.approx(pieces[1].end_s)
     assert after.start_time == pytest.approx(pieces[1].end_s)
-    # Every TimedString rides on the frame its audio starts in, not on a later one.
+    assert_captions_ride_on_their_first_frame(events)
+
+
+def assert_captions_ride_on_their_first_frame(events: list[tts.SynthesizedAudio]) -> None:
+    """Every TimedString rides on the frame its word's audio starts in, not on a later one."""
     played = 0.0
     for ev in events:
         for w in ev.frame.userdata.get("lk.timed_transcripts", []):
-            assert played - 1e-6 <= w.start_time < played + FRAME_S, (w, played)
+            assert played - 1e-6 <= w.start_time < played + FRAME_S, (
+                f"{w!r} starts in frame {w.start_time / FRAME_S:.0f}, rides on frame {played / FRAME_S:.0f}"
+            )
         played += ev.frame.duration
+
+
+async def test_a_word_longer_than_the_text_to_audio_delay_has_its_caption_on_its_first_frame(tiny_engine):
+    # Normalization leaves this word whole, and it lasts longer than the text-to-audio delay: the
+    # next word starts (which is where this one ends) after this one's audio has begun.
+    word = "www.example.com/some/long/path"
+    text = f"Go to {word} now."
+    ref = tiny_engine.synthesize(text, SessionOptions(temperature=0.0, n_q=4))
+    timing = next(w for w in ref.words if w.word == word)
+    delay_frames = tiny_engine.delay_steps + tiny_engine._max_delay
+    assert round((timing.end_s - timing.start_s) / FRAME_S) > delay_frames, "the word got short: no test"
+
+    tts_ = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    events = await run_stream(tts_, [text])
+    words = timed_words(events)
+    assert "".join(words) == text
+    caption = next(w for w in words if word in w)
+    assert (caption.start_time, caption.end_time) == pytest.approx((timing.start_s, timing.end_s))
+    assert_captions_ride_on_their_first_frame(events)
 
 
 # -- 10. aclose, download-files, metrics -----------------------------------------------------------
