@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -372,6 +373,59 @@ def test_download_files_finds_the_plugin_and_fetches_the_configured_model(tiny_c
     missing.mkdir()
     bad = _download_files({"KYUTAI_TTS_MODEL": str(missing)})
     assert bad.returncode == 1 and str(missing) in bad.stderr
+
+
+# Run in a fresh interpreter without site processing: the wheel's directory is added as a site
+# directory (its .pth files run, as in site-packages), then the environment's own packages, without
+# their .pth files (this environment's editable install of another checkout must not answer).
+_INSTALLED_DOWNLOAD_FILES = """
+import runpy, site, sys, sysconfig
+site.addsitedir(sys.argv[1])
+for key in ("purelib", "platlib"):
+    if sysconfig.get_paths()[key] not in sys.path:
+        sys.path.append(sysconfig.get_paths()[key])
+sys.argv = ["livekit.agents", "download-files"]
+runpy.run_module("livekit.agents", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("build", ["build_editable", "build_wheel"])
+def test_download_files_finds_the_plugin_of_an_installed_checkout(build, tiny_checkpoint, tmp_path):
+    # `pip install -e .` (what .ci/run does) and a regular install, with no checkout on the path:
+    # livekit-agents lists plugins with pkgutil.iter_modules(livekit.plugins.__path__), which sees
+    # directories, not the import hooks of setuptools' editable finder.
+    wheels, site_dir, checkout = tmp_path / "wheels", tmp_path / "site", tmp_path / "checkout"
+    # A copy of what the build reads, so that its by-products (egg-info, build/) stay out of the checkout.
+    for name in ("kyutai_tts_plugin", "livekit"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, checkout / name)
+    built = subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; build_meta.{build}({str(wheels)!r})"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert built.returncode == 0, built.stderr
+    with zipfile.ZipFile(next(wheels.glob("*.whl"))) as wheel:
+        wheel.extractall(site_dir)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        KYUTAI_TTS_MODEL=str(tiny_checkpoint),
+        KYUTAI_TTS_VOICES=str(tiny_checkpoint / "voices"),
+    )
+    ran = subprocess.run(
+        [sys.executable, "-S", "-c", _INSTALLED_DOWNLOAD_FILES, str(site_dir)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert "discovered 1 plugin package(s): livekit.plugins.kyutai_tts" in ran.stderr, ran.stderr
+    assert ran.returncode == 0 and str(tiny_checkpoint) in ran.stderr, ran.stderr
 
 
 async def test_metrics_name_the_model_by_its_name_not_its_path(tiny_engine, tiny_checkpoint, tmp_path):
