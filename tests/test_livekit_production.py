@@ -144,13 +144,15 @@ async def test_an_interruption_while_a_voice_is_fetched_frees_the_slot(tiny_engi
 @pytest.fixture
 def busy_engine(tiny_checkpoint):
     """An engine whose only slot is held by another session for the whole test. Its own queue timeout
-    is far beyond the hang guard: only `conn_options.timeout` can end a wait for its slot."""
+    is far beyond the hang guard, and the idle hog is never ended: only `conn_options.timeout` can end
+    a wait for its slot, and a session left in its queue stays there."""
     engine = TTSEngine.from_pretrained(
         tiny_checkpoint,
         voice_repo=tiny_checkpoint / "voices",
         max_sessions=1,
         max_waiting=8,
         queue_timeout_s=10 * HANG_GUARD_S,
+        idle_timeout_s=None,
     )
     hog = engine.open_session(SessionOptions(n_q=2))
     hog.push_text("two words")
@@ -191,7 +193,103 @@ async def test_fallback_adapter_falls_back_within_conn_timeout(busy_engine, tiny
     await wait_for(lambda: engine.active_sessions == 1, "the busy engine's queue to empty")
 
 
+async def test_a_remote_request_queued_longer_than_conn_timeout_raises_api_timeout_and_retries(
+    busy_engine, make_server
+):
+    from kyutai_tts_plugin.remote import RemoteTTS
+
+    from .conftest import SERVER_TEST_KEY
+
+    engine, hog = busy_engine
+    await wait_for(lambda: hog.run is not None, "the hog's slot")
+    server = await make_server(engine=engine)
+    tts_ = TTS(engine=RemoteTTS(server.url, api_key=SERVER_TEST_KEY))
+    errors = error_events(tts_)
+    options = APIConnectOptions(max_retry=1, retry_interval=0.0, timeout=0.2)
+    # The server queues each attempt (max_waiting): only conn_options.timeout can end the wait.
+    with pytest.raises(APITimeoutError, match="conn_options.timeout"):
+        await asyncio.wait_for(run_stream(tts_, ["hello there friend"], options), HANG_GUARD_S)
+    assert [e.recoverable for e in errors] == [True, False]
+    assert all(isinstance(e.error, APITimeoutError) for e in errors)
+    await wait_for(lambda: engine.active_sessions == 1, "the timed-out attempts to leave the server's queue")
+
+
+async def test_fallback_adapter_falls_back_from_a_queued_remote_server_within_conn_timeout(
+    busy_engine, tiny_engine, make_server
+):
+    from kyutai_tts_plugin.remote import RemoteTTS
+
+    from .conftest import SERVER_TEST_KEY
+
+    engine, hog = busy_engine
+    await wait_for(lambda: hog.run is not None, "the hog's slot")
+    server = await make_server(engine=engine)
+    busy = TTS(engine=RemoteTTS(server.url, api_key=SERVER_TEST_KEY), temperature=0.0, n_q=4)
+    spare = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    errors = error_events(busy)
+    fallback = tts.FallbackAdapter([busy, spare], max_retry_per_tts=1)
+    options = APIConnectOptions(max_retry=0, retry_interval=0.0, timeout=0.2)
+    text = "Sure, here is the plan."
+    try:
+        events = await asyncio.wait_for(run_stream(fallback, [text], options), HANG_GUARD_S)
+        assert events and "".join(timed_words(events)) == text  # the spare spoke it
+        assert [e.recoverable for e in errors] == [True, False]
+        assert all(isinstance(e.error, APITimeoutError) for e in errors)
+        assert hog.run is not None and not hog.is_finished
+    finally:
+        await fallback.aclose()
+    await wait_for(lambda: engine.active_sessions == 1, "the server's queue to empty")
+
+
 # -- 8. errors map as LiveKit's plugins map them ---------------------------------------------------
+
+
+def _remote_failure(kind_name: str) -> Exception:
+    from kyutai_tts_plugin.remote import RemoteError, RemoteErrorKind
+
+    # Worded to mislead: the mapping reads the kind, never the message.
+    return RemoteError("cannot connect to the connection to the server was lost", RemoteErrorKind[kind_name])
+
+
+@pytest.mark.parametrize(
+    ("kind_name", "error_type", "retryable"),
+    [
+        ("CONNECT_FAILED", APIConnectionError, True),
+        ("CONNECTION_LOST", APIConnectionError, True),
+        ("TIMEOUT", APITimeoutError, True),
+        ("REFUSED", APIError, True),
+        ("BAD_REQUEST", APIError, False),
+    ],
+)
+async def test_a_remote_error_maps_by_its_kind(tiny_engine, monkeypatch, kind_name, error_type, retryable):
+    def failing_open_session(options=None, **overrides):
+        raise _remote_failure(kind_name)
+
+    monkeypatch.setattr(tiny_engine, "open_session", failing_open_session)
+    tts_ = TTS(engine=tiny_engine)
+    errors = error_events(tts_)
+    with pytest.raises(APIError) as err:
+        await run_stream(tts_, ["hello there"], ONE_RETRY)
+    assert type(err.value) is error_type and err.value.retryable is retryable
+    assert [e.recoverable for e in errors] == ([True, False] if retryable else [False])
+
+
+def test_a_remote_error_is_a_pipecat_error_frame_of_its_kind():
+    from pipecat.frames.frames import ErrorCategory
+
+    from kyutai_tts_plugin.pipecat.tts import _error_frame
+
+    expected = {
+        "CONNECT_FAILED": ErrorCategory.CONNECTIVITY,
+        "CONNECTION_LOST": ErrorCategory.CONNECTIVITY,
+        "TIMEOUT": ErrorCategory.CONNECTIVITY,
+        "REFUSED": ErrorCategory.SERVER,
+        # The request (this text, this key) is at fault, not the service: never written off.
+        "BAD_REQUEST": ErrorCategory.APPLICATION,
+    }
+    for kind_name, category in expected.items():
+        frame = _error_frame(_remote_failure(kind_name))
+        assert frame.category is category and not frame.category.is_permanent, kind_name
 
 
 def _closed_port() -> int:

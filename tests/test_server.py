@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,7 +27,13 @@ from kyutai_tts_plugin.errors import (
     SessionClosedError,
     VoiceNotFoundError,
 )
-from kyutai_tts_plugin.remote import RemoteError, RemoteTTS, streaming_url
+from kyutai_tts_plugin.remote import (
+    RemoteError,
+    RemoteErrorKind,
+    RemoteTTS,
+    error_from_message,
+    streaming_url,
+)
 from kyutai_tts_plugin.server import (
     RunningServer,
     add_serve_arguments,
@@ -403,8 +410,9 @@ async def test_unauthenticated_client_is_refused(server: RunningServer) -> None:
     assert (await finish(ws))[1] == 1000
     session = RemoteTTS(server.url).open_session(GREEDY)
     session.flush()
-    with pytest.raises(RemoteError, match="unauthorized"):
+    with pytest.raises(RemoteError, match="unauthorized") as refused:
         await collect(session)
+    assert refused.value.kind is RemoteErrorKind.BAD_REQUEST
 
 
 async def test_unsupported_format_and_plain_get(server: RunningServer) -> None:
@@ -623,8 +631,38 @@ async def test_remote_connection_refused() -> None:
     session = RemoteTTS("ws://127.0.0.1:9", connect_timeout_s=2).open_session()
     session.push_text("hello")
     session.flush()
-    with pytest.raises(RemoteError, match="cannot connect"):
+    with pytest.raises(RemoteError, match="cannot connect") as failed:
         await collect(session)
+    assert failed.value.kind is RemoteErrorKind.CONNECT_FAILED
+
+
+async def test_remote_connect_timeout_is_a_timeout() -> None:
+    # A listener that never answers the websocket handshake (the kernel completes the TCP one).
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        session = RemoteTTS(f"ws://127.0.0.1:{port}", connect_timeout_s=0.2).open_session()
+        session.push_text("hello")
+        session.flush()
+        with pytest.raises(RemoteError, match="timed out") as failed:
+            await collect(session)
+    assert failed.value.kind is RemoteErrorKind.TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("text_too_long", RemoteErrorKind.BAD_REQUEST),
+        ("unauthorized", RemoteErrorKind.BAD_REQUEST),
+        ("idle_timeout", RemoteErrorKind.TIMEOUT),
+        ("engine_error", RemoteErrorKind.REFUSED),
+        (None, RemoteErrorKind.REFUSED),  # moshi-server's Error has no code
+    ],
+)
+def test_a_server_error_message_has_the_kind_of_its_code(code: str | None, kind: RemoteErrorKind) -> None:
+    error = error_from_message("what the server said", code)
+    assert isinstance(error, RemoteError) and error.kind is kind and error.code == code
 
 
 async def test_remote_list_voices(server: RunningServer, tiny_engine: Any) -> None:
