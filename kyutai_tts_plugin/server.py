@@ -764,7 +764,9 @@ class TTSServer:
                 if session is not None or flushed:
                     # moshi-server takes a voice with the first Text only; a later one would be ignored
                     raise ProtocolError(
-                        "bad_request", "a Voice message must come before the first Text (and before Eos)"
+                        "bad_request",
+                        "a Voice message must come before the first Text (and before Eos), and without "
+                        "ready=slot (which opens the session at connect)",
                     )
                 options = replace(options, voice=await self._register_voice(voice))
                 continue

@@ -389,6 +389,49 @@ async def test_engine_full_is_no_free_channels(
         await collect(session)
 
 
+async def test_ready_slot_says_ready_once_the_session_holds_an_engine_slot(
+    make_server: StartServer, tiny_checkpoint: Any
+) -> None:
+    # What RemoteTTS asks, so that a client can bound its wait in the server's queue: moshi-server's
+    # meaning of Ready (a slot is held), with the session taken at connect.
+    from kyutai_tts_plugin.engine import TTSEngine
+
+    engine = TTSEngine.from_pretrained(
+        tiny_checkpoint,
+        voice_repo=tiny_checkpoint / "voices",
+        max_sessions=1,
+        max_waiting=4,
+        idle_timeout_s=None,
+    )
+    hog = engine.open_session(SessionOptions(n_q=2))
+    hog.push_text("two words")  # holds the only slot until cancelled
+    try:
+        await until(lambda: hog.run is not None, "the hog's slot")
+        server = await make_server(engine=engine)
+        ws = await ws_session(server, f"{GREEDY_QUERY}&ready=slot")
+        hog_ended = False
+        first: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        async def first_message() -> None:
+            msg = await ws.receive()
+            first.set_result(hog_ended)  # whether the slot was free when the first message came
+            assert msgpack.unpackb(msg.data) == {"type": "Ready"}
+
+        reader = asyncio.create_task(first_message())
+        await until(lambda: len(engine._waiting) == 1, "the session queued at connect, before any Text")
+        hog_ended = True
+        hog.cancel()
+        await asyncio.wait_for(reader, HANG_GUARD_S)
+        assert first.result(), "Ready came while the session was still queued"
+        await ws.send_bytes(msgpack.packb({"type": "Text", "text": TEXT}))
+        await ws.send_bytes(msgpack.packb({"type": "Eos"}))
+        messages, code = await finish(ws)
+        assert code == 1000 and any(m["type"] == "Audio" for m in messages)
+    finally:
+        hog.cancel()
+        engine.close()
+
+
 async def test_unauthenticated_client_is_refused(server: RunningServer) -> None:
     for headers in ({}, {"kyutai-api-key": "wrong"}, {"kyutai-api-key": KEY + "x"}):
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
