@@ -238,6 +238,28 @@ async def test_word_times_shift_by_an_underrun(tiny_engine: Any, probe: EnginePr
     assert bot.assistant_messages() == [TEXT]
 
 
+async def test_a_word_longer_than_the_text_to_audio_delay_follows_its_first_frame(tiny_engine: Any) -> None:
+    # Its end (the next word's start) comes after its audio has begun; its caption must not wait for it.
+    word = "www.example.com/some/long/path"
+    text = f"Go to {word} now."
+    reference = tiny_engine.synthesize(text, GREEDY_OPTIONS)
+    timing = next(w for w in reference.words if w.word == word)
+    delay_frames = tiny_engine.delay_steps + tiny_engine._max_delay
+    assert round((timing.end_s - timing.start_s) / FRAME_DURATION_S) > delay_frames, "no longer long"
+
+    async def script(bot: Bot) -> None:
+        await bot.say()
+        await bot.recorder.wait_for(lambda: bool(bot.recorder.down(TTSStoppedFrame)), "the reply")
+
+    bot = await run_bot(tiny_engine, [tokens_of(text)], script)
+    rec = bot.recorder
+    caption = rec.index(TTSTextFrame, text=word)
+    frames_before = sum(isinstance(p.frame, TTSAudioRawFrame) for p in rec.pushed[:caption])
+    # Queued behind the frame it starts in (Pipecat then times it from that frame's push).
+    assert frames_before == round(timing.start_s / FRAME_DURATION_S) + 1
+    assert bot.assistant_messages() == [text]
+
+
 # -- 3. text transforms see sentences, not words -----------------------------------------------------
 
 
