@@ -249,8 +249,15 @@ def _opens_on_loop(engine: TTSBackend) -> bool:
     return isinstance(engine, RemoteTTS)
 
 
-def _engine_kind(engine: TTSBackend) -> str:
-    return "TTS server" if _opens_on_loop(engine) else "engine"
+def _slot_timeout(engine: TTSBackend, timeout: float) -> APITimeoutError:
+    if _opens_on_loop(engine):
+        return APITimeoutError(
+            f"Kyutai TTS: the TTS server gave no engine slot (no Ready) within conn_options.timeout "
+            f"({timeout:g} s): it is busy, or slow to answer"
+        )
+    return APITimeoutError(
+        f"Kyutai TTS: no free engine slot within conn_options.timeout ({timeout:g} s); the engine is busy"
+    )
 
 
 def _cancel_opened_session(opening: asyncio.Future[TTSSession]) -> None:
@@ -326,10 +333,7 @@ class SynthesizeStream(tts.SynthesizeStream):
             try:
                 await asyncio.wait_for(slot_taken(session), self._conn_options.timeout)
             except asyncio.TimeoutError:
-                raise APITimeoutError(
-                    f"Kyutai TTS: no free engine slot within conn_options.timeout "
-                    f"({self._conn_options.timeout:g} s); the {_engine_kind(engine)} is busy"
-                ) from None
+                raise _slot_timeout(engine, self._conn_options.timeout) from None
             self._acquire_time = asyncio.get_running_loop().time() - started
             spoke = await self._receive(session, output_emitter)
             await forward
