@@ -309,6 +309,18 @@ async def test_an_unreachable_server_is_a_retryable_connection_error():
     assert [e.recoverable for e in errors] == [True, False]  # retried once, as LiveKit's plugins are
 
 
+async def test_a_key_the_server_refuses_is_not_retried(make_server):
+    from kyutai_tts_plugin.remote import RemoteTTS
+
+    server = await make_server()
+    tts_ = TTS(engine=RemoteTTS(server.url, api_key="not-the-key"))
+    errors = error_events(tts_)
+    with pytest.raises(APIError) as err:
+        await run_stream(tts_, ["hello there"], ONE_RETRY)
+    assert type(err.value) is APIError and not err.value.retryable and "api_key" in str(err.value)
+    assert [e.recoverable for e in errors] == [False]  # the same key fails the same way
+
+
 async def test_an_unexpected_engine_exception_is_an_api_error(tiny_engine, monkeypatch):
     def broken_open_session(options=None, **overrides):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

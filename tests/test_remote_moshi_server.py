@@ -16,7 +16,14 @@ import msgpack
 import numpy as np
 import pytest
 from livekit.agents import APIConnectionError, APIError
-from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame, TTSTextFrame
+from pipecat.frames.frames import (
+    ErrorCategory,
+    ErrorFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
+)
 
 from kyutai_tts_plugin.errors import EngineFullError
 from kyutai_tts_plugin.livekit import TTS as LiveKitTTS
@@ -236,6 +243,7 @@ async def test_pipecat_close_mid_stream_is_an_error_frame() -> None:
         bot = await run_bot(RemoteTTS(server.url, api_key=KEY), [tokens_of(TEXT)], script)
         errors = bot.recorder.up(ErrorFrame)
         assert len(errors) == 1 and "connection to the server was lost" in errors[0].error
+        assert errors[0].category is ErrorCategory.CONNECTIVITY  # from the error's kind
 
 
 # -- LiveKit: kyutai_tts_plugin.livekit.TTS(engine=RemoteTTS(url)) --------------------------------
