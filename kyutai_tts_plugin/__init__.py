@@ -7,6 +7,8 @@ from .errors import (
     EngineTimeoutError,
     InvalidInputError,
     KyutaiTTSError,
+    RemoteError,
+    RemoteErrorKind,
     SessionClosedError,
     VoiceNotFoundError,
 )
@@ -20,6 +22,8 @@ __all__ = [
     "EngineTimeoutError",
     "InvalidInputError",
     "KyutaiTTSError",
+    "RemoteError",
+    "RemoteErrorKind",
     "SessionClosedError",
     "SessionOptions",
     "StreamingSession",

@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from .errors import InvalidInputError
-from .types import FRAME_SIZE, SessionOptions, TTSBackend
+from .types import FRAME_SIZE, SessionOptions, TTSBackend, TTSSession
 
 __all__ = [
     "DEFAULT_MAX_LEAD_S",
@@ -23,6 +23,7 @@ __all__ = [
     "EngineLoader",
     "check_max_lead_s",
     "session_options",
+    "slot_taken",
     "voice_from_kwargs",
 ]
 
@@ -32,6 +33,10 @@ OPTION_NAMES = ("voice", "cfg_coef", "temperature", "n_q", "padding_bonus")
 # A reply with nothing speakable (only emoji, say) is voiced as one 80 ms frame of silence: both
 # frameworks take an utterance that ends without audio for a failed synthesis.
 EMPTY_REPLY_PCM16 = bytes(2 * FRAME_SIZE)
+
+# How often `slot_taken` looks whether the engine gave a session its slot. The engine admits sessions on
+# its own thread and offers no wake-up for it; a 10 ms look costs nothing next to an 80 ms step.
+_SLOT_POLL_S = 0.01
 
 # How far ahead of playback an utterance may be generated, by default. Enough to ride out a slow
 # step or a busy batch; little enough that a barge-in throws away at most this much computed audio.
@@ -169,3 +174,20 @@ class EngineLoader:
         engine = await asyncio.shield(asyncio.wrap_future(self._future))
         self._engine = engine
         return engine
+
+
+async def slot_taken(session: TTSSession) -> None:
+    """Return once the backend serves `session`, or once it ended (its iteration says why).
+
+    An in-process session waits in the engine's queue until the worker admits it (``run`` set); a
+    `RemoteSession` until its server's ``Ready`` (sent once the server's engine holds a slot for it).
+    Bound the wait to bound how long a request may queue (LiveKit's ``conn_options.timeout``).
+    """
+    wait_ready = getattr(session, "wait_ready", None)
+    if wait_ready is not None:
+        await wait_ready()
+        return
+    if not hasattr(session, "run"):
+        return
+    while getattr(session, "run", None) is None and not getattr(session, "is_finished", False):
+        await asyncio.sleep(_SLOT_POLL_S)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 WORD = 0  # "a new word starts" action, and the muxed value of the second stream for it
 MAIN_SPEAKER = 1
@@ -106,3 +107,35 @@ class StateMachine:
         elif state.lookahead_queued:
             second = state.lookahead_queued.popleft()
         return (second + 1) * self.text_card + main
+
+    def next_start(self, step: int, state: DSMState, more_text: bool) -> int | None:
+        """The step at which the next word starts (or speech ends) if nothing can move it any more.
+
+        `step` is the next step to process. The model only chooses *when* to take the next entry
+        while the padding rules leave it a choice; once they force the step (a long word's tokens
+        outlast the maximum padding), it is known ahead. Found by running this machine on copies,
+        once with the model always asking for a word and once never: the same step means certain.
+        None while the model can still move it, or while it depends on entries not given yet
+        (`more_text`: text may still be added after `state.entries`).
+        """
+        if state.end_step is not None:
+            return state.end_step
+        word = next((i for i, entry in enumerate(state.entries) if entry.tokens), None)
+        if word is None and more_text:
+            return None
+        # Entries up to the next word are all the copies can consume before it starts.
+        keep = word + 1 if word is not None else len(state.entries)
+        found: set[int] = set()
+        for choice in (WORD, PAD):
+            copy = DSMState(
+                deque(islice(state.entries, keep)),
+                state.remaining_padding,
+                state.forced_padding,
+                deque(state.queued),
+            )
+            at = step
+            while not copy.transcript and copy.end_step is None:
+                self.process(at, copy, choice)
+                at += 1
+            found.add(copy.transcript[0][1] if copy.transcript else at - 1)  # at - 1: the end's step
+        return found.pop() if len(found) == 1 else None

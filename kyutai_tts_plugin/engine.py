@@ -1045,7 +1045,13 @@ class TTSEngine:
     def _word_timings(
         self, r: _SlotRun, s: StreamingSession, chunk: AudioChunk | None, final: bool = False
     ) -> list[WordTiming]:
-        """Word timings due before `chunk`: every word starting at or before it whose end is known."""
+        """Word timings due before `chunk`: every word starting at or before it whose end is known.
+
+        A word ends where the next one starts. A word that lasts longer than the text-to-audio delay
+        (a URL) would get its timing only after its audio began, were its end taken from the next
+        word's start; but its end is already fixed when its tokens outlast the padding the model may
+        choose, and the state machine says so (`next_start`): it is timed with its first frame.
+        """
         st = r.dsm_state
         out: list[WordTiming] = []
         limit = float("inf") if final else (chunk.start_s + FRAME_DURATION_S / 2 if chunk else -1.0)
@@ -1054,14 +1060,17 @@ class TTSEngine:
             start = step * FRAME_DURATION_S
             if start > limit:
                 break
-            if r.words_timed + 1 < len(st.transcript):
-                end_step = st.transcript[r.words_timed + 1][1]
-            elif st.end_step is not None:
-                end_step = st.end_step
+            last = r.words_timed + 1 == len(st.transcript)
+            # Text may still come while the session is not flushed, or is flushed but not yet taken in.
+            more_text = not s._flushed or bool(s._inbox)
+            if not last:
+                end_step: int | None = st.transcript[r.words_timed + 1][1]
             else:
+                end_step = self.machine.next_start(r.step, st, more_text)
+            if end_step is None:
                 break
             text = r.raw_texts.popleft() if r.raw_texts else ""
-            if st.end_step is not None and r.words_timed + 1 == len(st.transcript):
+            if last and (st.end_step is not None or not (more_text or any(e.tokens for e in st.entries))):
                 # The last word (no word follows once the end is known; the text was flushed, so
                 # its tail is in pending_raw): trailing whitespace / unspoken characters go with it.
                 text += r.pending_raw

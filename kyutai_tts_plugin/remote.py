@@ -24,11 +24,12 @@ import numpy as np
 from yarl import URL
 
 from .errors import (
-    EngineFailure,
     EngineFullError,
     EngineTimeoutError,
     InvalidInputError,
     KyutaiTTSError,
+    RemoteError,
+    RemoteErrorKind,
     SessionClosedError,
     VoiceNotFoundError,
 )
@@ -38,6 +39,9 @@ from .types import SAMPLE_RATE, AudioChunk, SessionEvent, SessionOptions, WordTi
 logger = logging.getLogger(__name__)
 
 STREAMING_PATH = "/api/tts_streaming"
+# The query parameter that asks `kyutai-tts serve` for moshi-server's meaning of Ready (a slot is held).
+READY_PARAM = "ready"
+READY_ON_SLOT = "slot"
 API_KEY_HEADER = "kyutai-api-key"
 _EOS = None  # outbox marker
 # How far ahead in the sent words a word timing is looked for (the server skips unspeakable words).
@@ -46,6 +50,7 @@ _BREAK_PIECE = "<break"
 # The server's close frame codes that end a complete stream: moshi-server sends an empty close payload
 # (aiohttp reports its code as 0; RFC 6455 calls it 1005, "no status received"); ours sends 1000.
 _NO_STATUS = 1005
+_ABNORMAL_CLOSE = 1006
 _NORMAL_CLOSE_CODES = (0, _NO_STATUS, 1000)
 
 # SessionOptions field -> query parameter understood by `kyutai-tts serve --allow-client-params` (moshi-server
@@ -61,12 +66,26 @@ _QUERY_FIELDS = (
 )
 
 
-class RemoteError(EngineFailure):
-    """The server refused or ended the session (a protocol Error, a close, or no connection)."""
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+# Server Error codes (kyutai_tts_plugin/server.py ERROR_CODES) that are not raised as one of the local
+# exceptions of `error_from_message`, by kind; any other code (or none, as moshi-server sends) is REFUSED.
+_CODE_KINDS: dict[str, RemoteErrorKind] = {
+    **dict.fromkeys(
+        (
+            "unauthorized",
+            "message_too_large",
+            "invalid_text",
+            "protocol_violation",
+            "text_too_long",
+            "malformed_message",
+            "unsupported",
+            "text_after_eos",
+        ),
+        RemoteErrorKind.BAD_REQUEST,
+    ),
+    **dict.fromkeys(
+        ("idle_timeout", "session_too_long", "body_timeout", "slow_reader"), RemoteErrorKind.TIMEOUT
+    ),
+}
 
 
 def error_from_message(message: str, code: str | None = None) -> Exception:
@@ -79,7 +98,14 @@ def error_from_message(message: str, code: str | None = None) -> Exception:
         return VoiceNotFoundError(message)
     if code == "bad_request":
         return InvalidInputError(message)
-    return RemoteError(message, code)
+    return RemoteError(message, _CODE_KINDS.get(code or "", RemoteErrorKind.REFUSED), code)
+
+
+def _status_kind(status: int) -> RemoteErrorKind:
+    """The kind of an HTTP refusal: the client's fault (4xx) or the server's."""
+    if status == 408:
+        return RemoteErrorKind.TIMEOUT
+    return RemoteErrorKind.BAD_REQUEST if 400 <= status < 500 else RemoteErrorKind.REFUSED
 
 
 def streaming_url(url: str) -> URL:
@@ -155,7 +181,9 @@ class RemoteTTS:
 
     @staticmethod
     def _query(options: SessionOptions) -> dict[str, str]:
-        query = {"format": "PcmMessagePack"}
+        # ready=slot: our server then says Ready once an engine slot is held, as moshi-server's Ready
+        # always means (moshi-server ignores the parameter); `RemoteSession.wait_ready` relies on it.
+        query = {"format": "PcmMessagePack", READY_PARAM: READY_ON_SLOT}
         if options.voice:
             query["voice"] = options.voice
         defaults = SessionOptions()
@@ -188,11 +216,14 @@ class RemoteTTS:
                     if resp.status == 404:
                         voices: list[str] = []
                     elif resp.status != 200:
-                        raise RemoteError(f"GET {url}: HTTP {resp.status}: {(await resp.text())[:200]}")
+                        raise RemoteError(
+                            f"GET {url}: HTTP {resp.status}: {(await resp.text())[:200]}",
+                            _status_kind(resp.status),
+                        )
                     else:
                         voices = list((await resp.json())["voices"])
             except aiohttp.ClientError as e:
-                raise RemoteError(f"cannot reach {url}: {e}") from None
+                raise RemoteError(f"cannot reach {url}: {e}", RemoteErrorKind.CONNECT_FAILED) from None
         self._voices = voices
         return list(voices)
 
@@ -209,9 +240,11 @@ class RemoteTTS:
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return []
-            raise RemoteError(f"GET {url}: HTTP {e.code}") from None
-        except (OSError, ValueError, KeyError) as e:
-            raise RemoteError(f"cannot list voices at {url}: {e}") from None
+            raise RemoteError(f"GET {url}: HTTP {e.code}", _status_kind(e.code)) from None
+        except OSError as e:
+            raise RemoteError(f"cannot list voices at {url}: {e}", RemoteErrorKind.CONNECT_FAILED) from None
+        except (ValueError, KeyError) as e:
+            raise RemoteError(f"cannot list voices at {url}: {e}", RemoteErrorKind.REFUSED) from None
 
 
 @dataclass
@@ -288,6 +321,7 @@ class RemoteSession:
         self._samples = 0
         self._outbox_ready = asyncio.Event()
         self._event_ready = asyncio.Event()
+        self._server_ready = asyncio.Event()  # the server's Ready came (or audio did, or the end)
         self._cleanup: asyncio.Future[None] | None = None  # closing the websocket and HTTP session
         self._task = loop.create_task(self._run(), name=f"kyutai-tts {self._id}")
 
@@ -322,6 +356,14 @@ class RemoteSession:
                 return
             self._cancelled = True
         self._call(self._do_cancel)
+
+    async def wait_ready(self) -> None:
+        """Return once the server serves this session: its ``Ready``, sent when an engine slot is held
+        (moshi-server's, and ours with the ``ready=slot`` this client asks for), so a server that
+        queues sessions keeps this waiting; or once the session ended (the ``async for`` raises why).
+        Bound it to bound the wait for a slot, as the LiveKit adapter does with its
+        ``conn_options.timeout``."""
+        await self._server_ready.wait()
 
     async def __aiter__(self) -> AsyncIterator[SessionEvent]:  # type: ignore[override]
         while True:
@@ -375,8 +417,10 @@ class RemoteSession:
             self._error = self._error or error
             self._finished = True
         self._event_ready.set()
+        self._server_ready.set()
 
     def _emit(self, event: SessionEvent) -> None:
+        self._server_ready.set()  # a server that sends no Ready: its first event says it serves us
         if not self._cancelled:
             self._events.append(event)
             self._event_ready.set()
@@ -390,6 +434,11 @@ class RemoteSession:
         sender: asyncio.Task[None] | None = None
         try:
             ws = await self._connect(http)
+            if self._cancelled:
+                # Cancelled while connecting, and the cancellation lost to the connection that came at
+                # the same moment (asyncio.wait_for can return a result instead of raising, before
+                # Python 3.12): a server that opens sessions at connect must not keep this one.
+                return
             sender = asyncio.create_task(self._send_loop(ws))
             await self._receive_loop(ws)
             self._finish()
@@ -397,7 +446,12 @@ class RemoteSession:
             self._finish()
             raise
         except Exception as e:  # never let the task die with an unretrieved exception
-            self._finish(e if isinstance(e, KyutaiTTSError) else RemoteError(f"{type(e).__name__}: {e}"))
+            if not isinstance(e, KyutaiTTSError):
+                # A transport failure while reading, else a message we could not make sense of.
+                lost = isinstance(e, (aiohttp.ClientError, OSError))
+                kind = RemoteErrorKind.CONNECTION_LOST if lost else RemoteErrorKind.REFUSED
+                e = RemoteError(f"{type(e).__name__}: {e}", kind)
+            self._finish(e)
         finally:
             if sender is not None:
                 sender.cancel()
@@ -429,22 +483,32 @@ class RemoteSession:
         except aiohttp.WSServerHandshakeError as e:
             raise self._refusal(e) from None
         except asyncio.TimeoutError:
-            raise RemoteError(f"cannot connect to {self._url}: timed out") from None
+            raise RemoteError(
+                f"cannot connect to {self._url.with_query(None)}: timed out after "
+                f"{backend.connect_timeout_s:g} s (RemoteTTS connect_timeout_s)",
+                RemoteErrorKind.TIMEOUT,
+            ) from None
         except (aiohttp.ClientError, OSError) as e:
-            raise RemoteError(f"cannot connect to {self._url.with_query(None)}: {e}") from None
+            raise RemoteError(
+                f"cannot connect to {self._url.with_query(None)}: {e}", RemoteErrorKind.CONNECT_FAILED
+            ) from None
         return ws
 
     def _refusal(self, e: aiohttp.WSServerHandshakeError) -> Exception:
         # Our server explains refusals in a JSON body, but aiohttp does not keep it: say what we know.
         if e.status == 401:
             return RemoteError(
-                f"unauthorized by {self._url.with_query(None)}: check the api_key", "unauthorized"
+                f"unauthorized by {self._url.with_query(None)}: check the api_key",
+                RemoteErrorKind.BAD_REQUEST,
+                "unauthorized",
             )
         if e.status == 429:
             return EngineFullError(
                 "the server refused the session (HTTP 429): too many sessions for this key"
             )
-        return RemoteError(f"the server refused the websocket (HTTP {e.status}: {e.message})")
+        return RemoteError(
+            f"the server refused the websocket (HTTP {e.status}: {e.message})", _status_kind(e.status)
+        )
 
     async def _send_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         while True:
@@ -477,10 +541,13 @@ class RemoteSession:
             elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
                 # No close frame from the server: the connection was lost (or we are closing it).
                 if self._error is None:
-                    raise RemoteError(f"the connection to the server was lost{self._when()}")
+                    raise RemoteError(
+                        f"the connection to the server was lost{self._when()}",
+                        RemoteErrorKind.CONNECTION_LOST,
+                    )
                 return
             elif msg.type == aiohttp.WSMsgType.ERROR:
-                raise RemoteError(f"websocket error: {msg.data}")
+                raise RemoteError(f"websocket error: {msg.data}", RemoteErrorKind.CONNECTION_LOST)
 
     def _check_end(self, code: int, reason: str) -> None:
         """The server closed the session: the normal end of the stream, or an error.
@@ -497,7 +564,9 @@ class RemoteSession:
             return
         status = "no status code" if code in (0, _NO_STATUS) else f"code {code}"
         detail = f": {reason}" if reason else ""
-        raise RemoteError(f"the server closed the session ({status}{detail}){self._when()}")
+        # 1006 is never sent: a client reports it for a connection that ended without a close frame.
+        kind = RemoteErrorKind.CONNECTION_LOST if code == _ABNORMAL_CLOSE else RemoteErrorKind.REFUSED
+        raise RemoteError(f"the server closed the session ({status}{detail}){self._when()}", kind)
 
     def _when(self) -> str:
         if self._eos_sent:
@@ -508,9 +577,11 @@ class RemoteSession:
         try:
             msg = msgpack.unpackb(data, raw=False)
         except Exception:
-            raise RemoteError("malformed message from the server (not msgpack)") from None
+            raise RemoteError(
+                "malformed message from the server (not msgpack)", RemoteErrorKind.REFUSED
+            ) from None
         if not isinstance(msg, dict):
-            raise RemoteError("malformed message from the server (not a map)")
+            raise RemoteError("malformed message from the server (not a map)", RemoteErrorKind.REFUSED)
         kind = msg.get("type")
         if kind == "Audio":
             pcm = np.asarray(msg["pcm"], dtype=np.float32)
@@ -526,4 +597,6 @@ class RemoteSession:
             message = str(msg.get("message", "unknown error"))
             code = msg.get("code")
             self._error = self._error or error_from_message(message, code if isinstance(code, str) else None)
-        # "Ready" and message types of newer servers: nothing to do
+        elif kind == "Ready":
+            self._server_ready.set()
+        # message types of newer servers: nothing to do

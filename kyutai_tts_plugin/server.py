@@ -17,7 +17,10 @@ it unchanged (docs/moshi-server-protocol.md has the facts, the README the table 
   {message, code}`` followed by a close with a reason (every refusal, aiohttp's own included). When every
   engine slot (and queue place, if a queue is configured) is taken, a new connection is refused at once
   with ``no free channels``. The engine session is taken at the first Text: an idle connection holds only
-  its per-key place. The server pings every ``heartbeat_s``; a pong counts as activity.
+  its per-key place. Our extension ``ready=slot`` (what `RemoteTTS` sends) gives Ready moshi-server's
+  meaning instead: the engine session is taken at connect (no Voice message then) and Ready is sent once
+  it holds a slot, so that a client can bound its wait in the queue. The server pings every
+  ``heartbeat_s``; a pong counts as activity.
 * ``POST /api/tts`` and ``POST /api/tts_streaming``: JSON ``{"text", "voice", ...options}`` or a
   ``text/plain`` body; chunked audio back (``format=wav`` (default, 16-bit), ``pcm`` (s16le),
   ``pcm_f32le``). The body must arrive within ``body_timeout_s``; the whole request lasts at most
@@ -55,6 +58,7 @@ import msgpack
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from .adapter_support import slot_taken
 from .cli import add_engine_arguments, engine_options
 from .errors import (
     EngineFailure,
@@ -64,6 +68,7 @@ from .errors import (
     SessionClosedError,
     VoiceNotFoundError,
 )
+from .remote import READY_ON_SLOT, READY_PARAM
 from .types import SAMPLE_RATE, AudioChunk, SessionOptions, WordTiming
 
 if TYPE_CHECKING:
@@ -629,7 +634,8 @@ class TTSServer:
                 options = await self._prepare(self._options(request.query))
                 if fmt in OGG_FORMATS:
                     conn.ogg = OggOpusStream()
-                await self._ws_serve(conn, options)
+                ready_on_slot = request.query.get(READY_PARAM) == READY_ON_SLOT
+                await self._ws_serve(conn, options, ready_on_slot)
         except ProtocolError as e:
             self.metrics.errors[e.code] += 1
             await conn.fail(e)
@@ -655,19 +661,23 @@ class TTSServer:
                 f"no free channels: all {engine.max_sessions} engine slots are taken; retry later",
             )
 
-    async def _ws_serve(self, conn: _Connection, options: SessionOptions) -> None:
-        """Ready, then the engine session from the first Text on (an idle connection holds no slot)."""
+    async def _ws_serve(
+        self, conn: _Connection, options: SessionOptions, ready_on_slot: bool = False
+    ) -> None:
+        """Ready, then the engine session from the first Text on (an idle connection holds no slot); with
+        `ready_on_slot`, the engine session at once and Ready once it holds a slot."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.max_session_s
         opened: asyncio.Future[StreamingSession | None] = loop.create_future()
         reader = writer = pinger = None
         try:
-            await conn.send_message({"type": "Ready"})
-            if conn.ogg is not None:
-                await conn.send_ogg(conn.ogg.header())  # moshi-server sends it with the channel
+            if ready_on_slot:
+                opened.set_result(self._start(options))  # the writer says Ready once it has a slot
+            else:
+                await self._ready(conn)
             if self.limits.heartbeat_s:
                 pinger = asyncio.create_task(self._ping(conn, self.limits.heartbeat_s))
-            writer = asyncio.create_task(self._ws_write(conn, opened))
+            writer = asyncio.create_task(self._ws_write(conn, opened, ready_on_slot))
             reader = asyncio.create_task(self._ws_read(conn, options, opened, deadline))
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if writer in done and writer.exception() is None:
@@ -693,6 +703,12 @@ class TTSServer:
             await _stop(writer)
 
     @staticmethod
+    async def _ready(conn: _Connection) -> None:
+        await conn.send_message({"type": "Ready"})
+        if conn.ogg is not None:
+            await conn.send_ogg(conn.ogg.header())  # moshi-server sends it with the channel
+
+    @staticmethod
     async def _ping(conn: _Connection, interval: float) -> None:
         """An empty ping every `interval` s for the whole session, as moshi-server; no pong deadline."""
         while not conn.ws.closed:
@@ -713,7 +729,7 @@ class TTSServer:
         before any text). Returns when the client closes; raises ProtocolError."""
         limits = self.limits
         loop = asyncio.get_running_loop()
-        session: StreamingSession | None = None
+        session = opened.result() if opened.done() else None  # opened at connect with ready=slot
         flushed = False
         chars = 0
         while True:
@@ -748,7 +764,9 @@ class TTSServer:
                 if session is not None or flushed:
                     # moshi-server takes a voice with the first Text only; a later one would be ignored
                     raise ProtocolError(
-                        "bad_request", "a Voice message must come before the first Text (and before Eos)"
+                        "bad_request",
+                        "a Voice message must come before the first Text (and before Eos), and without "
+                        "ready=slot (which opens the session at connect)",
                     )
                 options = replace(options, voice=await self._register_voice(voice))
                 continue
@@ -825,8 +843,15 @@ class TTSServer:
             "malformed_message", f"unknown message type {obj['type'][:40]!r}: expected Text, Voice or Eos"
         )
 
-    async def _ws_write(self, conn: _Connection, opened: asyncio.Future[StreamingSession | None]) -> None:
+    async def _ws_write(
+        self, conn: _Connection, opened: asyncio.Future[StreamingSession | None], ready_on_slot: bool = False
+    ) -> None:
         session = await opened
+        if ready_on_slot:
+            assert session is not None
+            await slot_taken(session)
+            if session.run is not None:  # else it ended in the queue: no Ready, the events say why
+                await self._ready(conn)
         if session is None:
             return
         async for event in self._events(session):

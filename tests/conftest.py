@@ -57,7 +57,8 @@ SERVER_TEST_KEY = "test-key-0123456789"
 
 @pytest.fixture
 async def make_server(tiny_engine):
-    """``await make_server(api_keys=..., **ServerLimits fields)``: our server on the tiny engine, closed
+    """``await make_server(api_keys=..., engine=..., **ServerLimits fields)``: our server (on the tiny engine
+    unless another is given), closed
     after the test, which then waits until the engine has no session left. Client generation parameters
     are honoured unless a test says otherwise (``allow_client_params=False``, moshi-server's default), so
     that greedy output can be compared with in-process synthesis."""
@@ -69,9 +70,11 @@ async def make_server(tiny_engine):
 
     servers = []
 
-    async def start(api_keys=(SERVER_TEST_KEY,), **limits):
+    async def start(api_keys=(SERVER_TEST_KEY,), engine=None, **limits):
+        # `engine`: serve another engine than the tiny one (its sessions are the test's to end).
         limits.setdefault("allow_client_params", True)
-        server = await start_server(tiny_engine, api_keys=api_keys, limits=ServerLimits(**limits))
+        served = tiny_engine if engine is None else engine
+        server = await start_server(served, api_keys=api_keys, limits=ServerLimits(**limits))
         servers.append(server)
         return server
 

@@ -148,3 +148,34 @@ def test_truncated_lm_file_names_the_file(tiny_checkpoint, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=path.name):
         TTSEngine.from_pretrained(root, voice_repo=root / "voices")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_word_end_known_ahead_is_where_the_next_word_starts(seed):
+    # The engine times a word before the next one starts when the state machine says that start can
+    # no longer move (`next_start`); whatever the model then chooses, the next word starts there.
+    rng = np.random.default_rng(seed)
+    machine = dsm.StateMachine(text_card=8001, second_stream_ahead=2)
+    state = machine.new_state()
+    n_tokens: dict[str, int] = {}
+    for i in range(12):
+        if rng.random() < 0.15:
+            state.entries.append(dsm.Entry((), "", int(rng.integers(1, 6))))  # a <break>
+        n = n_tokens[f"w{i}"] = int(rng.integers(1, 30))  # some words outlast the maximum padding
+        state.entries.append(dsm.Entry(tuple(range(10, 10 + n)), f"w{i}", n))
+    predicted: dict[int, tuple[int, int]] = {}  # word index -> (its end, the step it was known at)
+    step = 0
+    while state.end_step is None:
+        last = len(state.transcript) - 1
+        if last >= 0 and last not in predicted:
+            end = machine.next_start(step, state, more_text=False)
+            if end is not None:
+                predicted[last] = (end, step)
+        machine.process(step, state, dsm.WORD if rng.random() < 0.3 else dsm.PAD)
+        step += 1
+    ends = [s for _, s in state.transcript[1:]] + [state.end_step]
+    assert all(ends[i] == end for i, (end, _) in predicted.items()), (predicted, ends)
+    long_words = [i for i, (word, _) in enumerate(state.transcript) if n_tokens[word] > machine.max_padding]
+    assert long_words, "no word outlasts the maximum padding: this seed tests nothing"
+    for i in long_words:  # known on the step after the word started
+        assert predicted[i][1] == state.transcript[i][1] + 1, (i, predicted.get(i), state.transcript[i])

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -143,13 +144,15 @@ async def test_an_interruption_while_a_voice_is_fetched_frees_the_slot(tiny_engi
 @pytest.fixture
 def busy_engine(tiny_checkpoint):
     """An engine whose only slot is held by another session for the whole test. Its own queue timeout
-    is far beyond the hang guard: only `conn_options.timeout` can end a wait for its slot."""
+    is far beyond the hang guard, and the idle hog is never ended: only `conn_options.timeout` can end
+    a wait for its slot, and a session left in its queue stays there."""
     engine = TTSEngine.from_pretrained(
         tiny_checkpoint,
         voice_repo=tiny_checkpoint / "voices",
         max_sessions=1,
         max_waiting=8,
         queue_timeout_s=10 * HANG_GUARD_S,
+        idle_timeout_s=None,
     )
     hog = engine.open_session(SessionOptions(n_q=2))
     hog.push_text("two words")
@@ -190,7 +193,103 @@ async def test_fallback_adapter_falls_back_within_conn_timeout(busy_engine, tiny
     await wait_for(lambda: engine.active_sessions == 1, "the busy engine's queue to empty")
 
 
+async def test_a_remote_request_queued_longer_than_conn_timeout_raises_api_timeout_and_retries(
+    busy_engine, make_server
+):
+    from kyutai_tts_plugin.remote import RemoteTTS
+
+    from .conftest import SERVER_TEST_KEY
+
+    engine, hog = busy_engine
+    await wait_for(lambda: hog.run is not None, "the hog's slot")
+    server = await make_server(engine=engine)
+    tts_ = TTS(engine=RemoteTTS(server.url, api_key=SERVER_TEST_KEY))
+    errors = error_events(tts_)
+    options = APIConnectOptions(max_retry=1, retry_interval=0.0, timeout=0.2)
+    # The server queues each attempt (max_waiting): only conn_options.timeout can end the wait.
+    with pytest.raises(APITimeoutError, match="conn_options.timeout"):
+        await asyncio.wait_for(run_stream(tts_, ["hello there friend"], options), HANG_GUARD_S)
+    assert [e.recoverable for e in errors] == [True, False]
+    assert all(isinstance(e.error, APITimeoutError) for e in errors)
+    await wait_for(lambda: engine.active_sessions == 1, "the timed-out attempts to leave the server's queue")
+
+
+async def test_fallback_adapter_falls_back_from_a_queued_remote_server_within_conn_timeout(
+    busy_engine, tiny_engine, make_server
+):
+    from kyutai_tts_plugin.remote import RemoteTTS
+
+    from .conftest import SERVER_TEST_KEY
+
+    engine, hog = busy_engine
+    await wait_for(lambda: hog.run is not None, "the hog's slot")
+    server = await make_server(engine=engine)
+    busy = TTS(engine=RemoteTTS(server.url, api_key=SERVER_TEST_KEY), temperature=0.0, n_q=4)
+    spare = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    errors = error_events(busy)
+    fallback = tts.FallbackAdapter([busy, spare], max_retry_per_tts=1)
+    options = APIConnectOptions(max_retry=0, retry_interval=0.0, timeout=0.2)
+    text = "Sure, here is the plan."
+    try:
+        events = await asyncio.wait_for(run_stream(fallback, [text], options), HANG_GUARD_S)
+        assert events and "".join(timed_words(events)) == text  # the spare spoke it
+        assert [e.recoverable for e in errors] == [True, False]
+        assert all(isinstance(e.error, APITimeoutError) for e in errors)
+        assert hog.run is not None and not hog.is_finished
+    finally:
+        await fallback.aclose()
+    await wait_for(lambda: engine.active_sessions == 1, "the server's queue to empty")
+
+
 # -- 8. errors map as LiveKit's plugins map them ---------------------------------------------------
+
+
+def _remote_failure(kind_name: str) -> Exception:
+    from kyutai_tts_plugin.remote import RemoteError, RemoteErrorKind
+
+    # Worded to mislead: the mapping reads the kind, never the message.
+    return RemoteError("cannot connect to the connection to the server was lost", RemoteErrorKind[kind_name])
+
+
+@pytest.mark.parametrize(
+    ("kind_name", "error_type", "retryable"),
+    [
+        ("CONNECT_FAILED", APIConnectionError, True),
+        ("CONNECTION_LOST", APIConnectionError, True),
+        ("TIMEOUT", APITimeoutError, True),
+        ("REFUSED", APIError, True),
+        ("BAD_REQUEST", APIError, False),
+    ],
+)
+async def test_a_remote_error_maps_by_its_kind(tiny_engine, monkeypatch, kind_name, error_type, retryable):
+    def failing_open_session(options=None, **overrides):
+        raise _remote_failure(kind_name)
+
+    monkeypatch.setattr(tiny_engine, "open_session", failing_open_session)
+    tts_ = TTS(engine=tiny_engine)
+    errors = error_events(tts_)
+    with pytest.raises(APIError) as err:
+        await run_stream(tts_, ["hello there"], ONE_RETRY)
+    assert type(err.value) is error_type and err.value.retryable is retryable
+    assert [e.recoverable for e in errors] == ([True, False] if retryable else [False])
+
+
+def test_a_remote_error_is_a_pipecat_error_frame_of_its_kind():
+    from pipecat.frames.frames import ErrorCategory
+
+    from kyutai_tts_plugin.pipecat.tts import _error_frame
+
+    expected = {
+        "CONNECT_FAILED": ErrorCategory.CONNECTIVITY,
+        "CONNECTION_LOST": ErrorCategory.CONNECTIVITY,
+        "TIMEOUT": ErrorCategory.CONNECTIVITY,
+        "REFUSED": ErrorCategory.SERVER,
+        # The request (this text, this key) is at fault, not the service: never written off.
+        "BAD_REQUEST": ErrorCategory.APPLICATION,
+    }
+    for kind_name, category in expected.items():
+        frame = _error_frame(_remote_failure(kind_name))
+        assert frame.category is category and not frame.category.is_permanent, kind_name
 
 
 def _closed_port() -> int:
@@ -208,6 +307,18 @@ async def test_an_unreachable_server_is_a_retryable_connection_error():
         await run_stream(tts_, ["hello there"], ONE_RETRY)
     assert err.value.retryable and "cannot connect" in str(err.value)
     assert [e.recoverable for e in errors] == [True, False]  # retried once, as LiveKit's plugins are
+
+
+async def test_a_key_the_server_refuses_is_not_retried(make_server):
+    from kyutai_tts_plugin.remote import RemoteTTS
+
+    server = await make_server()
+    tts_ = TTS(engine=RemoteTTS(server.url, api_key="not-the-key"))
+    errors = error_events(tts_)
+    with pytest.raises(APIError) as err:
+        await run_stream(tts_, ["hello there"], ONE_RETRY)
+    assert type(err.value) is APIError and not err.value.retryable and "api_key" in str(err.value)
+    assert [e.recoverable for e in errors] == [False]  # the same key fails the same way
 
 
 async def test_an_unexpected_engine_exception_is_an_api_error(tiny_engine, monkeypatch):
@@ -302,12 +413,37 @@ async def test_a_url_has_one_caption_from_its_first_frame_to_the_next_word(tiny_
     # The caption spans the whole URL: open until the next word starts, where the URL's audio ends.
     assert not isinstance(caption.end_time, float) or caption.end_time == pytest.approx(pieces[1].end_s)
     assert after.start_time == pytest.approx(pieces[1].end_s)
-    # Every TimedString rides on the frame its audio starts in, not on a later one.
+    assert_captions_ride_on_their_first_frame(events)
+
+
+def assert_captions_ride_on_their_first_frame(events: list[tts.SynthesizedAudio]) -> None:
+    """Every TimedString rides on the frame its word's audio starts in, not on a later one."""
     played = 0.0
     for ev in events:
         for w in ev.frame.userdata.get("lk.timed_transcripts", []):
-            assert played - 1e-6 <= w.start_time < played + FRAME_S, (w, played)
+            assert played - 1e-6 <= w.start_time < played + FRAME_S, (
+                f"{w!r} starts in frame {w.start_time / FRAME_S:.0f}, rides on frame {played / FRAME_S:.0f}"
+            )
         played += ev.frame.duration
+
+
+async def test_a_word_longer_than_the_text_to_audio_delay_has_its_caption_on_its_first_frame(tiny_engine):
+    # Normalization leaves this word whole, and it lasts longer than the text-to-audio delay: the
+    # next word starts (which is where this one ends) after this one's audio has begun.
+    word = "www.example.com/some/long/path"
+    text = f"Go to {word} now."
+    ref = tiny_engine.synthesize(text, SessionOptions(temperature=0.0, n_q=4))
+    timing = next(w for w in ref.words if w.word == word)
+    delay_frames = tiny_engine.delay_steps + tiny_engine._max_delay
+    assert round((timing.end_s - timing.start_s) / FRAME_S) > delay_frames, "the word got short: no test"
+
+    tts_ = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    events = await run_stream(tts_, [text])
+    words = timed_words(events)
+    assert "".join(words) == text
+    caption = next(w for w in words if word in w)
+    assert (caption.start_time, caption.end_time) == pytest.approx((timing.start_s, timing.end_s))
+    assert_captions_ride_on_their_first_frame(events)
 
 
 # -- 10. aclose, download-files, metrics -----------------------------------------------------------
@@ -347,6 +483,59 @@ def test_download_files_finds_the_plugin_and_fetches_the_configured_model(tiny_c
     missing.mkdir()
     bad = _download_files({"KYUTAI_TTS_MODEL": str(missing)})
     assert bad.returncode == 1 and str(missing) in bad.stderr
+
+
+# Run in a fresh interpreter without site processing: the wheel's directory is added as a site
+# directory (its .pth files run, as in site-packages), then the environment's own packages, without
+# their .pth files (this environment's editable install of another checkout must not answer).
+_INSTALLED_DOWNLOAD_FILES = """
+import runpy, site, sys, sysconfig
+site.addsitedir(sys.argv[1])
+for key in ("purelib", "platlib"):
+    if sysconfig.get_paths()[key] not in sys.path:
+        sys.path.append(sysconfig.get_paths()[key])
+sys.argv = ["livekit.agents", "download-files"]
+runpy.run_module("livekit.agents", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("build", ["build_editable", "build_wheel"])
+def test_download_files_finds_the_plugin_of_an_installed_checkout(build, tiny_checkpoint, tmp_path):
+    # `pip install -e .` (what .ci/run does) and a regular install, with no checkout on the path:
+    # livekit-agents lists plugins with pkgutil.iter_modules(livekit.plugins.__path__), which sees
+    # directories, not the import hooks of setuptools' editable finder.
+    wheels, site_dir, checkout = tmp_path / "wheels", tmp_path / "site", tmp_path / "checkout"
+    # A copy of what the build reads, so that its by-products (egg-info, build/) stay out of the checkout.
+    for name in ("kyutai_tts_plugin", "livekit"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, checkout / name)
+    built = subprocess.run(
+        [sys.executable, "-c", f"from setuptools import build_meta; build_meta.{build}({str(wheels)!r})"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert built.returncode == 0, built.stderr
+    with zipfile.ZipFile(next(wheels.glob("*.whl"))) as wheel:
+        wheel.extractall(site_dir)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        KYUTAI_TTS_MODEL=str(tiny_checkpoint),
+        KYUTAI_TTS_VOICES=str(tiny_checkpoint / "voices"),
+    )
+    ran = subprocess.run(
+        [sys.executable, "-S", "-c", _INSTALLED_DOWNLOAD_FILES, str(site_dir)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert "discovered 1 plugin package(s): livekit.plugins.kyutai_tts" in ran.stderr, ran.stderr
+    assert ran.returncode == 0 and str(tiny_checkpoint) in ran.stderr, ran.stderr
 
 
 async def test_metrics_name_the_model_by_its_name_not_its_path(tiny_engine, tiny_checkpoint, tmp_path):

@@ -320,6 +320,7 @@ async def run_bot(
     hold: Callable[[Bot, int, int], Awaitable[None]] | None = None,
     end: Frame | None = None,
     clock: ManualClock | None = None,
+    output: FrameProcessor | None = None,
     **tts_kwargs: Any,
 ) -> Bot:
     """Run user aggregator -> scripted LLM -> Kyutai TTS -> assistant aggregator until `script` ends,
@@ -328,7 +329,8 @@ async def run_bot(
     Pipecat's idle timeout of an audio context (`stop_frame_timeout_s`, 3 s) is made effectively
     infinite unless a test passes one: a slow step must not end a context, and no test may pass
     because a timeout ended what the service should have ended. The pipeline clock is a
-    `ManualClock`: it only moves when the test says so."""
+    `ManualClock`: it only moves when the test says so. `output` (an output transport) goes right
+    after the TTS, as in an agent's pipeline."""
     clock = clock or ManualClock()
     context = LLMContext()
     aggregators = LLMContextAggregatorPair(context)
@@ -347,7 +349,8 @@ async def run_bot(
     tts_kwargs.setdefault("max_lead_s", None)
     tts = KyutaiTTSService(engine=engine, settings=settings, **tts_kwargs)
     recorder = Recorder(tts=tts)
-    pipeline = Pipeline([aggregators.user(), llm, tts, aggregators.assistant()])
+    middle = [tts] if output is None else [tts, output]
+    pipeline = Pipeline([aggregators.user(), llm, *middle, aggregators.assistant()])
     worker = PipelineWorker(
         pipeline,
         params=PipelineParams(enable_metrics=True, enable_usage_metrics=True),

@@ -21,19 +21,23 @@ from pipecat.frames.frames import (
     EndFrame,
     ErrorFrame,
     LLMFullResponseEndFrame,
+    OutputAudioRawFrame,
+    StartFrame,
     TTSAudioRawFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
     TTSTextFrame,
 )
 from pipecat.services.tts_service import TextAggregationMode
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import TransportParams
 from pipecat.utils.text.transforms.strip_markdown import strip_markdown
 
 from kyutai_tts_plugin.engine import TTSEngine
 from kyutai_tts_plugin.errors import InvalidInputError
 from kyutai_tts_plugin.pipecat import KyutaiTTSService
 from kyutai_tts_plugin.testing import HANG_GUARD_S
-from kyutai_tts_plugin.types import FRAME_DURATION_S, SessionOptions
+from kyutai_tts_plugin.types import FRAME_DURATION_S, FRAME_SIZE, SAMPLE_RATE, SessionOptions
 
 from .test_pipecat import (
     FIRST,
@@ -56,6 +60,7 @@ from .test_pipecat import (
 GREEDY_OPTIONS = SessionOptions(temperature=0.0)
 SHORT_TIMEOUT_S = 1.0  # Pipecat's idle timeout of an audio context, shortened (3 s by default)
 SILENCE_S = 3 * SHORT_TIMEOUT_S  # a silence several times that long
+TAIL_TICKS = 10_000  # device ticks enough for any tail Pipecat writes at the end
 
 
 @pytest.fixture
@@ -233,6 +238,28 @@ async def test_word_times_shift_by_an_underrun(tiny_engine: Any, probe: EnginePr
     assert bot.assistant_messages() == [TEXT]
 
 
+async def test_a_word_longer_than_the_text_to_audio_delay_follows_its_first_frame(tiny_engine: Any) -> None:
+    # Its end (the next word's start) comes after its audio has begun; its caption must not wait for it.
+    word = "www.example.com/some/long/path"
+    text = f"Go to {word} now."
+    reference = tiny_engine.synthesize(text, GREEDY_OPTIONS)
+    timing = next(w for w in reference.words if w.word == word)
+    delay_frames = tiny_engine.delay_steps + tiny_engine._max_delay
+    assert round((timing.end_s - timing.start_s) / FRAME_DURATION_S) > delay_frames, "no longer long"
+
+    async def script(bot: Bot) -> None:
+        await bot.say()
+        await bot.recorder.wait_for(lambda: bool(bot.recorder.down(TTSStoppedFrame)), "the reply")
+
+    bot = await run_bot(tiny_engine, [tokens_of(text)], script)
+    rec = bot.recorder
+    caption = rec.index(TTSTextFrame, text=word)
+    frames_before = sum(isinstance(p.frame, TTSAudioRawFrame) for p in rec.pushed[:caption])
+    # Queued behind the frame it starts in (Pipecat then times it from that frame's push).
+    assert frames_before == round(timing.start_s / FRAME_DURATION_S) + 1
+    assert bot.assistant_messages() == [text]
+
+
 # -- 3. text transforms see sentences, not words -----------------------------------------------------
 
 
@@ -379,6 +406,91 @@ async def test_pacing_keeps_the_engine_a_bounded_lead_ahead_of_playback(
     expected = pcm16(tiny_engine.synthesize(FIRST, GREEDY_OPTIONS).pcm)
     assert_same_audio(audio_of(bot.recorder.down()), expected, lsb=8)
     assert bot.assistant_messages() == [FIRST]
+
+
+class SoundCard(BaseOutputTransport):
+    """Pipecat's own output transport path (its audio queue, 80 ms chunks, bot-speaking events, timed
+    text) into a device that plays a chunk per tick the test grants; playing it moves the pipeline
+    clock by the chunk's length, so playback time is what the transport actually wrote."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__(
+            TransportParams(
+                audio_out_enabled=True,
+                audio_out_sample_rate=SAMPLE_RATE,
+                audio_out_10ms_chunks=round(FRAME_DURATION_S * 100),  # one engine frame per write
+                audio_out_end_silence_secs=0,
+                audio_out_write_timeout_secs=HANG_GUARD_S,  # a device that waits is not a dead peer
+            )
+        )
+        self.clock = clock
+        self.ticks = asyncio.Semaphore(0)
+        self.played = 0  # chunks written to the device
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        await self.ticks.acquire()
+        self.clock.advance(len(frame.audio) / (2 * frame.sample_rate * frame.num_channels))
+        self.played += 1
+        return True
+
+    def play(self, chunks: int) -> None:
+        for _ in range(chunks):
+            self.ticks.release()
+
+
+async def test_pacing_follows_what_the_output_transport_plays(tiny_engine: Any, probe: EngineProbe) -> None:
+    # Short: Pipecat's transport releases each word at its PTS with a real-time sleep.
+    reply = "Sure, here is the plan for today, step by step."
+    clock = ManualClock()
+    card = SoundCard(clock)
+    lead_frames = 5
+    max_lead_s = (lead_frames - 0.5) * FRAME_DURATION_S  # half a frame off: no float ties
+    total = len(tiny_engine.synthesize(reply, GREEDY_OPTIONS).pcm) // FRAME_SIZE
+    leads: list[int] = []
+
+    async def script(bot: Bot) -> None:
+        rec = bot.recorder
+
+        def made() -> int:
+            return len(rec.down(TTSAudioRawFrame))
+
+        async def settled() -> None:
+            # The engine finishes another utterance meanwhile: a session not held back would run on.
+            await asyncio.to_thread(tiny_engine.synthesize, "One more.", GREEDY_OPTIONS)
+            leads.append(made() - card.played)
+
+        await bot.say()
+        await rec.wait_for(lambda: made() == lead_frames, "the first max_lead_s of audio")
+        await settled()  # nothing played yet: the reply stays max_lead_s ahead
+        card.play(2)
+        await rec.wait_for(lambda: card.played == 2 and made() == 2 + lead_frames, "two frames more")
+        await settled()
+        while card.played < total:  # the device plays on, a chunk at a time, to the end
+            card.play(1)
+            want = card.played + 1
+            await rec.wait_for(
+                lambda want=want: card.played == want and made() >= min(total, want + lead_frames),
+                "the device to play a chunk, and the reply to go on as far ahead",
+            )
+            leads.append(made() - card.played)
+            if card.played == total // 2:
+                await settled()
+        card.play(TAIL_TICKS)  # whatever Pipecat writes at the end plays at once
+
+    bot = await run_bot(
+        tiny_engine, [tokens_of(reply)], script, clock=clock, output=card, max_lead_s=max_lead_s
+    )
+    # Never further ahead of what the device played than max_lead_s, and that far whenever the
+    # engine had time to get there (each settled point).
+    assert max(leads) == lead_frames, leads
+    assert leads.count(lead_frames) >= 3 and len(leads) > total, leads
+    expected = pcm16(tiny_engine.synthesize(reply, GREEDY_OPTIONS).pcm)
+    assert_same_audio(audio_of(bot.recorder.down()), expected, lsb=8)
+    assert bot.assistant_messages() == [reply]
 
 
 async def test_end_frame_without_llm_end_speaks_the_last_word(tiny_engine: Any) -> None:

@@ -16,11 +16,18 @@ import msgpack
 import numpy as np
 import pytest
 from livekit.agents import APIConnectionError, APIError
-from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame, TTSTextFrame
+from pipecat.frames.frames import (
+    ErrorCategory,
+    ErrorFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+    TTSTextFrame,
+)
 
 from kyutai_tts_plugin.errors import EngineFullError
 from kyutai_tts_plugin.livekit import TTS as LiveKitTTS
-from kyutai_tts_plugin.remote import RemoteError, RemoteTTS
+from kyutai_tts_plugin.remote import RemoteError, RemoteErrorKind, RemoteTTS
 from kyutai_tts_plugin.types import AudioChunk, SessionEvent, SessionOptions, WordTiming
 
 from .moshi_server_fake import DEFAULT_VOICE, FakeMoshiServer, preprocess
@@ -142,6 +149,7 @@ async def test_a_wrong_key_is_refused_before_the_websocket(moshi: FakeMoshiServe
     with pytest.raises(RemoteError, match="unauthorized") as refused:
         await collect(speak(RemoteTTS(moshi.url, api_key="wrong"), ["hello"]))
     assert refused.value.code == "unauthorized" and moshi.sessions == []
+    assert refused.value.kind is RemoteErrorKind.BAD_REQUEST  # the same key fails the same way
 
 
 async def test_no_free_channels_is_engine_full() -> None:
@@ -159,25 +167,28 @@ async def test_no_free_channels_is_engine_full() -> None:
 
 
 @pytest.mark.parametrize(
-    ("end_how", "flush", "match"),
+    ("end_how", "flush", "match", "kind"),
     [
         # moshi-server's own close (no status) while the client has not sent Eos: text left unspoken
-        ("close", False, r"no status code\) before the end of the text"),
+        ("close", False, r"no status code\) before the end of the text", RemoteErrorKind.REFUSED),
         # after Eos, a close with an error code, or a connection lost without a close frame
-        ("close 1011", True, r"code 1011"),
-        ("drop", True, "connection to the server was lost"),
+        ("close 1011", True, r"code 1011", RemoteErrorKind.REFUSED),
+        ("drop", True, "connection to the server was lost", RemoteErrorKind.CONNECTION_LOST),
     ],
 )
-async def test_a_close_in_the_middle_of_a_stream_is_an_error(end_how: str, flush: bool, match: str) -> None:
+async def test_a_close_in_the_middle_of_a_stream_is_an_error(
+    end_how: str, flush: bool, match: str, kind: RemoteErrorKind
+) -> None:
     async with FakeMoshiServer(end_after_frames=4, end_how=end_how) as server:
         session = RemoteTTS(server.url, api_key=KEY).open_session()
         session.push_text(TEXT)  # whole words are sent; the last one waits for the flush
         if flush:
             session.flush()
         got: list[SessionEvent] = []
-        with pytest.raises(RemoteError, match=match):
+        with pytest.raises(RemoteError, match=match) as failed:
             async for event in session:
                 got.append(event)
+        assert failed.value.kind is kind
         fake = await only_session(server)
         assert fake.ended == end_how
         assert np.array_equal(audio(got), fake.audio)  # what came before the close was delivered
@@ -197,8 +208,9 @@ async def test_malformed_server_message_is_an_error_not_a_normal_end() -> None:
             return ws
 
     async with Garbling() as server:
-        with pytest.raises(RemoteError, match="malformed"):
+        with pytest.raises(RemoteError, match="malformed") as failed:
             await collect(speak(RemoteTTS(server.url, api_key=KEY), ["hello"]))
+        assert failed.value.kind is RemoteErrorKind.REFUSED
 
 
 # -- Pipecat: KyutaiTTSService(engine=RemoteTTS(url)) in a real pipeline ----------------------------
@@ -231,6 +243,7 @@ async def test_pipecat_close_mid_stream_is_an_error_frame() -> None:
         bot = await run_bot(RemoteTTS(server.url, api_key=KEY), [tokens_of(TEXT)], script)
         errors = bot.recorder.up(ErrorFrame)
         assert len(errors) == 1 and "connection to the server was lost" in errors[0].error
+        assert errors[0].category is ErrorCategory.CONNECTIVITY  # from the error's kind
 
 
 # -- LiveKit: kyutai_tts_plugin.livekit.TTS(engine=RemoteTTS(url)) --------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,7 +27,13 @@ from kyutai_tts_plugin.errors import (
     SessionClosedError,
     VoiceNotFoundError,
 )
-from kyutai_tts_plugin.remote import RemoteError, RemoteTTS, streaming_url
+from kyutai_tts_plugin.remote import (
+    RemoteError,
+    RemoteErrorKind,
+    RemoteTTS,
+    error_from_message,
+    streaming_url,
+)
 from kyutai_tts_plugin.server import (
     RunningServer,
     add_serve_arguments,
@@ -382,6 +389,49 @@ async def test_engine_full_is_no_free_channels(
         await collect(session)
 
 
+async def test_ready_slot_says_ready_once_the_session_holds_an_engine_slot(
+    make_server: StartServer, tiny_checkpoint: Any
+) -> None:
+    # What RemoteTTS asks, so that a client can bound its wait in the server's queue: moshi-server's
+    # meaning of Ready (a slot is held), with the session taken at connect.
+    from kyutai_tts_plugin.engine import TTSEngine
+
+    engine = TTSEngine.from_pretrained(
+        tiny_checkpoint,
+        voice_repo=tiny_checkpoint / "voices",
+        max_sessions=1,
+        max_waiting=4,
+        idle_timeout_s=None,
+    )
+    hog = engine.open_session(SessionOptions(n_q=2))
+    hog.push_text("two words")  # holds the only slot until cancelled
+    try:
+        await until(lambda: hog.run is not None, "the hog's slot")
+        server = await make_server(engine=engine)
+        ws = await ws_session(server, f"{GREEDY_QUERY}&ready=slot")
+        hog_ended = False
+        first: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        async def first_message() -> None:
+            msg = await ws.receive()
+            first.set_result(hog_ended)  # whether the slot was free when the first message came
+            assert msgpack.unpackb(msg.data) == {"type": "Ready"}
+
+        reader = asyncio.create_task(first_message())
+        await until(lambda: len(engine._waiting) == 1, "the session queued at connect, before any Text")
+        hog_ended = True
+        hog.cancel()
+        await asyncio.wait_for(reader, HANG_GUARD_S)
+        assert first.result(), "Ready came while the session was still queued"
+        await ws.send_bytes(msgpack.packb({"type": "Text", "text": TEXT}))
+        await ws.send_bytes(msgpack.packb({"type": "Eos"}))
+        messages, code = await finish(ws)
+        assert code == 1000 and any(m["type"] == "Audio" for m in messages)
+    finally:
+        hog.cancel()
+        engine.close()
+
+
 async def test_unauthenticated_client_is_refused(server: RunningServer) -> None:
     for headers in ({}, {"kyutai-api-key": "wrong"}, {"kyutai-api-key": KEY + "x"}):
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
@@ -403,8 +453,9 @@ async def test_unauthenticated_client_is_refused(server: RunningServer) -> None:
     assert (await finish(ws))[1] == 1000
     session = RemoteTTS(server.url).open_session(GREEDY)
     session.flush()
-    with pytest.raises(RemoteError, match="unauthorized"):
+    with pytest.raises(RemoteError, match="unauthorized") as refused:
         await collect(session)
+    assert refused.value.kind is RemoteErrorKind.BAD_REQUEST
 
 
 async def test_unsupported_format_and_plain_get(server: RunningServer) -> None:
@@ -623,8 +674,38 @@ async def test_remote_connection_refused() -> None:
     session = RemoteTTS("ws://127.0.0.1:9", connect_timeout_s=2).open_session()
     session.push_text("hello")
     session.flush()
-    with pytest.raises(RemoteError, match="cannot connect"):
+    with pytest.raises(RemoteError, match="cannot connect") as failed:
         await collect(session)
+    assert failed.value.kind is RemoteErrorKind.CONNECT_FAILED
+
+
+async def test_remote_connect_timeout_is_a_timeout() -> None:
+    # A listener that never answers the websocket handshake (the kernel completes the TCP one).
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        session = RemoteTTS(f"ws://127.0.0.1:{port}", connect_timeout_s=0.2).open_session()
+        session.push_text("hello")
+        session.flush()
+        with pytest.raises(RemoteError, match="timed out") as failed:
+            await collect(session)
+    assert failed.value.kind is RemoteErrorKind.TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("text_too_long", RemoteErrorKind.BAD_REQUEST),
+        ("unauthorized", RemoteErrorKind.BAD_REQUEST),
+        ("idle_timeout", RemoteErrorKind.TIMEOUT),
+        ("engine_error", RemoteErrorKind.REFUSED),
+        (None, RemoteErrorKind.REFUSED),  # moshi-server's Error has no code
+    ],
+)
+def test_a_server_error_message_has_the_kind_of_its_code(code: str | None, kind: RemoteErrorKind) -> None:
+    error = error_from_message("what the server said", code)
+    assert isinstance(error, RemoteError) and error.kind is kind and error.code == code
 
 
 async def test_remote_list_voices(server: RunningServer, tiny_engine: Any) -> None:

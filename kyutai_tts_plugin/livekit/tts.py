@@ -7,8 +7,9 @@ its whitespace, so the chat history reads as the LLM wrote it and is cut to what
 
 Failures surface as LiveKit's own plugins report them, so `conn_options` retries and `FallbackAdapter`
 work unchanged: no free slot or an unreachable server -> `APIConnectionError`; waiting for a slot
-longer than `conn_options.timeout` -> `APITimeoutError`; a bad option -> `APIError(retryable=False)`;
-anything unexpected (an engine or device error) -> `APIError`.
+(in the engine's queue, or a server's: until its ``Ready``) longer than `conn_options.timeout` ->
+`APITimeoutError`; a bad option -> `APIError(retryable=False)`; anything unexpected (an engine or
+device error) -> `APIError`. A `RemoteTTS` failure maps by its `RemoteErrorKind`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import weakref
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 try:
     from livekit import rtc
@@ -35,7 +36,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("the LiveKit adapter needs: pip install 'kyutai-tts-plugin[livekit]'") from exc
 
-from ..adapter_support import EMPTY_REPLY_PCM16, EngineLoader, session_options
+from ..adapter_support import EMPTY_REPLY_PCM16, EngineLoader, session_options, slot_taken
 from ..checkpoint import DEFAULT_MODEL_REPO, DEFAULT_VOICE_REPO
 from ..errors import (
     CheckpointError,
@@ -43,24 +44,15 @@ from ..errors import (
     EngineTimeoutError,
     InvalidInputError,
     KyutaiTTSError,
+    RemoteError,
+    RemoteErrorKind,
 )
 from ..types import FRAME_SIZE, SAMPLE_RATE, AudioChunk, SessionOptions, TTSBackend, TTSSession, WordTiming
-
-if TYPE_CHECKING:
-    from ..remote import RemoteError
 
 # The environment variables that name the model and the voices: read by `TTS()` and by the
 # `download-files` hook alike, so the command fetches what the agent will load.
 MODEL_ENV = "KYUTAI_TTS_MODEL"
 VOICES_ENV = "KYUTAI_TTS_VOICES"
-
-# How `RemoteTTS` words its transport failures (kyutai_tts_plugin/remote.py: RemoteError without a
-# code): the connection could not be made or was lost, as opposed to the server ending the session.
-_TRANSPORT_FAILURES = ("cannot connect to", "the connection to the server was lost", "websocket error")
-
-# How often a stream looks whether the engine gave its session a slot. The engine admits sessions on
-# its own thread and offers no wake-up for it; a 10 ms look costs nothing next to an 80 ms step.
-_SLOT_POLL_S = 0.01
 
 
 def configured_model() -> str:
@@ -232,28 +224,18 @@ def _api_error(exc: Exception) -> APIError:
         return APIConnectionError(f"Kyutai TTS: {exc}")
     if isinstance(exc, (InvalidInputError, CheckpointError)):
         return APIError(f"Kyutai TTS: {exc}", retryable=False)  # the same request fails the same way
-    remote_error = _remote_error_type()
-    if remote_error is not None and isinstance(exc, remote_error):
-        if exc.code is None and str(exc).startswith(_TRANSPORT_FAILURES):
-            # No connection, connection lost: LiveKit's plugins report these as retryable
-            # connection errors.
-            return APIConnectionError(f"Kyutai TTS server: {exc}")
-        if exc.code == "unauthorized":
-            return APIError(f"Kyutai TTS server: {exc}", retryable=False)
-        # The server ended the session with an error (a close code, a protocol Error): like the
-        # plugins' "connection closed unexpectedly", a retryable APIError, not a connection error.
-        return APIError(f"Kyutai TTS server: {exc}")
+    if isinstance(exc, RemoteError):
+        what = f"Kyutai TTS server: {exc}"
+        if exc.kind in (RemoteErrorKind.CONNECT_FAILED, RemoteErrorKind.CONNECTION_LOST):
+            return APIConnectionError(what)  # as LiveKit's plugins report them: retried
+        if exc.kind is RemoteErrorKind.TIMEOUT:
+            return APITimeoutError(what)
+        # A refusal of the request itself fails again as is; one for the server's own reasons (an
+        # engine error, a close code) is like the plugins' "connection closed unexpectedly": retried.
+        return APIError(what, retryable=exc.kind is not RemoteErrorKind.BAD_REQUEST)
     if isinstance(exc, KyutaiTTSError):
         return APIError(f"Kyutai TTS: {exc}")
     return APIError(f"Kyutai TTS failed unexpectedly: {type(exc).__name__}: {exc}")
-
-
-def _remote_error_type() -> type[RemoteError] | None:
-    try:
-        from ..remote import RemoteError as remote_error
-    except ImportError:  # pragma: no cover - aiohttp/msgpack missing: no remote backend either
-        return None
-    return remote_error
 
 
 def _opens_on_loop(engine: TTSBackend) -> bool:
@@ -267,18 +249,20 @@ def _opens_on_loop(engine: TTSBackend) -> bool:
     return isinstance(engine, RemoteTTS)
 
 
+def _slot_timeout(engine: TTSBackend, timeout: float) -> APITimeoutError:
+    if _opens_on_loop(engine):
+        return APITimeoutError(
+            f"Kyutai TTS: the TTS server gave no engine slot (no Ready) within conn_options.timeout "
+            f"({timeout:g} s): it is busy, or slow to answer"
+        )
+    return APITimeoutError(
+        f"Kyutai TTS: no free engine slot within conn_options.timeout ({timeout:g} s); the engine is busy"
+    )
+
+
 def _cancel_opened_session(opening: asyncio.Future[TTSSession]) -> None:
     if not opening.cancelled() and opening.exception() is None:
         opening.result().cancel()
-
-
-async def _slot_taken(session: TTSSession) -> None:
-    """Return once the engine gave `session` a slot (or ended it). An in-process session waits in the
-    engine's queue until its worker admits it (`run` set); other backends queue on their side."""
-    if not hasattr(session, "run"):
-        return
-    while getattr(session, "run", None) is None and not getattr(session, "is_finished", False):
-        await asyncio.sleep(_SLOT_POLL_S)
 
 
 class SynthesizeStream(tts.SynthesizeStream):
@@ -347,12 +331,9 @@ class SynthesizeStream(tts.SynthesizeStream):
                 return  # blank input: nothing to say, no segment
             started = asyncio.get_running_loop().time()
             try:
-                await asyncio.wait_for(_slot_taken(session), self._conn_options.timeout)
+                await asyncio.wait_for(slot_taken(session), self._conn_options.timeout)
             except asyncio.TimeoutError:
-                raise APITimeoutError(
-                    f"Kyutai TTS: no free engine slot within conn_options.timeout "
-                    f"({self._conn_options.timeout:g} s); the engine is busy"
-                ) from None
+                raise _slot_timeout(engine, self._conn_options.timeout) from None
             self._acquire_time = asyncio.get_running_loop().time() - started
             spoke = await self._receive(session, output_emitter)
             await forward

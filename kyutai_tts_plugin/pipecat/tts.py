@@ -68,6 +68,8 @@ from ..errors import (
     EngineTimeoutError,
     InvalidInputError,
     KyutaiTTSError,
+    RemoteError,
+    RemoteErrorKind,
 )
 from ..types import (
     FRAME_DURATION_S,
@@ -754,9 +756,23 @@ def _frame_index(t: float) -> int:
     return round(t / FRAME_DURATION_S)
 
 
+# A `RemoteTTS` failure's category, by its kind. A refused request (a wrong key, a text over the
+# server's limits) is the application's to fix, not a verdict on the service: no permanent category,
+# which would write the service off for the rest of the call.
+_REMOTE_CATEGORIES: dict[RemoteErrorKind, ErrorCategory] = {
+    RemoteErrorKind.CONNECT_FAILED: ErrorCategory.CONNECTIVITY,
+    RemoteErrorKind.CONNECTION_LOST: ErrorCategory.CONNECTIVITY,
+    RemoteErrorKind.TIMEOUT: ErrorCategory.CONNECTIVITY,
+    RemoteErrorKind.REFUSED: ErrorCategory.SERVER,
+    RemoteErrorKind.BAD_REQUEST: ErrorCategory.APPLICATION,
+}
+
+
 def _error_frame(exc: BaseException) -> ErrorFrame:
     """An ErrorFrame whose message says what to do; never one that writes the service off."""
-    if isinstance(exc, (EngineFullError, EngineTimeoutError)):
+    if isinstance(exc, RemoteError):
+        category = _REMOTE_CATEGORIES[exc.kind]
+    elif isinstance(exc, (EngineFullError, EngineTimeoutError)):
         category = ErrorCategory.RATE_LIMIT
     elif isinstance(exc, InvalidInputError):
         category = ErrorCategory.APPLICATION
