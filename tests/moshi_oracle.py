@@ -202,3 +202,60 @@ def _save_random_mimi(path: Path, seed: int) -> None:
             value = torch.randn(value.shape, generator=gen) * 0.1
         mimi_state[key] = value.float().contiguous()
     save_file(_fused_names(mimi_state), path)
+
+
+class CounterNoise:
+    """moshi's own `sample_token` (its law: temperature, top-k, exponential race) drawing our engine's
+    counter-based noise instead of torch's RNG: the draw of (seed, step, stream, vocabulary entry), so
+    a seeded engine session and this moshi run must pick the same tokens. Install with
+    ``monkeypatch.setattr(moshi.models.lm, "sample_token", CounterNoise(seed, text_vocab))``.
+
+    Streams are counted as the engine keys them: each step samples the text (stream 0), then the
+    depformer codebooks in order (streams 1..), when it runs."""
+
+    def __init__(self, seed: int, text_vocab: int) -> None:
+        self.seed = seed
+        self.text_vocab = text_vocab
+        self.step = -1
+        self.stream = 0
+
+    def __call__(self, logits: torch.Tensor, use_sampling: bool = False, temp: float = 1.0,
+                 top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:  # fmt: skip
+        import types
+
+        from moshi.utils import sampling as ref
+
+        from kyutai_tts_plugin.sampling import exponential_noise, stream_keys, to_seed
+
+        vocab = logits.shape[-1]
+        if vocab == self.text_vocab:
+            self.step, self.stream = self.step + 1, 0
+        else:
+            self.stream += 1
+        assert logits.shape[0] == 1, "one batch item: its noise is keyed by its own step"
+        keys = stream_keys(
+            torch.tensor([to_seed(self.seed)]), torch.tensor([self.step]), torch.tensor([self.stream])
+        )
+        noise = exponential_noise(keys[:, 0], torch.arange(vocab)[None])[0]  # [vocab]
+        captured: dict[str, torch.Tensor] = {}
+
+        class Shim(types.SimpleNamespace):
+            def __getattr__(self, name: str) -> Any:
+                return getattr(torch, name)
+
+            def topk(self, probs: torch.Tensor, k: int, dim: int = -1) -> Any:
+                values, indices = torch.topk(probs, k, dim=dim)
+                captured["indices"] = indices
+                return values, indices
+
+            def empty_like(self, x: torch.Tensor) -> Any:
+                idx = captured.get("indices")
+                drawn = noise.expand(x.shape) if idx is None else noise[idx].reshape(x.shape)
+                return types.SimpleNamespace(exponential_=lambda *a, **kw: drawn.clone())
+
+        real = ref.torch
+        ref.torch = Shim()  # type: ignore[assignment]
+        try:
+            return ref.sample_token(logits, use_sampling, temp, top_k, top_p)
+        finally:
+            ref.torch = real
