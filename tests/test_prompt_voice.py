@@ -59,7 +59,9 @@ def run_moshi(oracle: MoshiCheckpoint, text: str, voice: Path, *, cfg: float, te
     return tts, prefix, tts.generate([entries], [], prefixes=[prefix])
 
 
-def run_ours(engine: TTSEngine, text: str, **opts) -> tuple[StreamingSession, list[np.ndarray], list[WordTiming]]:
+def run_ours(
+    engine: TTSEngine, text: str, **opts
+) -> tuple[StreamingSession, list[np.ndarray], list[WordTiming]]:
     session = engine.open_session(SessionOptions(**opts))
     session.push_text(text)
     session.flush()
@@ -126,9 +128,8 @@ def test_two_cfg_sessions_in_one_batch_match_moshis_batch(oracle, engine, rec):
     prefixes = [tts.get_prefix(v) for v in voices]
     entries = [tts.prepare_script([t], padding_between=1) for t in texts]
     result = tts.generate(entries, [], prefixes=prefixes)
-    sessions = admitted_together(
-        engine, [(t, SessionOptions(voice=str(v), temperature=0.0, cfg_coef=2.0)) for t, v in zip(texts, voices)]
-    )
+    options = [SessionOptions(voice=str(v), temperature=0.0, cfg_coef=2.0) for v in voices]
+    sessions = admitted_together(engine, list(zip(texts, options, strict=True)))
     for s in sessions:
         collect(s)
     assert sorted(r for s in sessions for r in (s.run.row, s.run.null_row)) == [0, 1, 2, 3]
@@ -299,4 +300,12 @@ def test_real_size_inventory_of_the_published_config_on_meta_device():
     assert ref_names == {k: tuple(v.shape) for k, v in state.items()}
 
 
-_NON_LM = {"moshi_name", "mimi_name", "tokenizer_name", "model_type", "lm_gen_config", "tts_config", "model_id"}
+_NON_LM = {
+    "moshi_name",
+    "mimi_name",
+    "tokenizer_name",
+    "model_type",
+    "lm_gen_config",
+    "tts_config",
+    "model_id",
+}
