@@ -16,6 +16,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -51,14 +52,15 @@ def local_audio_file(voice: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def read_audio(path: str | os.PathLike[str], shown: str | None = None) -> VoicePrompt:
-    """The samples of an audio file; InvalidInputError if it cannot be decoded. `shown`: the name the
-    message uses for the file (a server hides its own paths)."""
+def read_audio(path: str | os.PathLike[str] | BinaryIO, shown: str | None = None) -> VoicePrompt:
+    """The samples of an audio file (a path or a binary file object); InvalidInputError if it cannot be
+    decoded. `shown`: the name the message uses for the file (a server hides its own paths)."""
     import soundfile
 
-    name = shown if shown is not None else os.fspath(path)
+    source = path if hasattr(path, "read") else os.fspath(path)  # type: ignore[arg-type]
+    name = shown if shown is not None else str(source)
     try:
-        pcm, rate = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)
+        pcm, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:  # LibsndfileError is a RuntimeError
         raise InvalidInputError(
             f"voice prompt {name!r} cannot be read as audio ({type(exc).__name__}: {exc}); "

@@ -309,3 +309,68 @@ _NON_LM = {
     "tts_config",
     "model_id",
 }
+
+
+# -- the server's Voice message ------------------------------------------------------------------
+
+
+async def _speak(server, messages: list[bytes]) -> tuple[list[dict], int | None]:
+    import aiohttp
+    import msgpack
+
+    from .test_server import HEADERS, finish
+
+    http = aiohttp.ClientSession()
+    ws = await http.ws_connect(
+        f"{server.url}/api/tts_streaming?format=PcmMessagePack&temperature=0", headers=HEADERS
+    )
+    ws._test_http = http  # type: ignore[attr-defined]  # closed by `finish`
+    for m in messages:
+        await ws.send_bytes(m)
+    await ws.send_bytes(msgpack.packb({"type": "Text", "text": "a voice sent over the socket"}))
+    await ws.send_bytes(msgpack.packb({"type": "Eos"}))
+    return await finish(ws)
+
+
+async def test_server_voice_message_carries_an_audio_prompt(oracle, engine, tiny_engine, tmp_path):
+    import msgpack
+
+    from kyutai_tts_plugin.server import ServerLimits, start_server
+
+    from .conftest import SERVER_TEST_KEY
+
+    wav = oracle.voices_dir / VOICES[2]
+    want = engine.synthesize("a voice sent over the socket", SessionOptions(voice=str(wav), temperature=0.0))
+    server = await start_server(
+        engine, api_keys=(SERVER_TEST_KEY,), limits=ServerLimits(allow_client_params=True)
+    )
+    embedding_server = await start_server(
+        tiny_engine, api_keys=(SERVER_TEST_KEY,), limits=ServerLimits(allow_client_params=True)
+    )
+    try:
+        for voice in (
+            {"type": "Voice", "audio": wav.read_bytes()},
+            {"type": "Voice", "pcm": sf.read(str(wav), dtype="float32")[0].tolist(), "sample_rate": 24000},
+        ):
+            messages, code = await _speak(server, [msgpack.packb(voice, use_single_float=True)])
+            assert code == 1000, messages
+            pcm = np.concatenate([np.asarray(m["pcm"], np.float32) for m in messages if m["type"] == "Audio"])
+            assert pcm.shape == want.pcm.shape and np.abs(pcm - want.pcm).max() <= 1e-4
+        short = write_prompt_wav(tmp_path / "short.wav", 0.4)
+        bad = [
+            ({"type": "Voice", "audio": short.read_bytes()}, server, "invalid_voice", "too short"),
+            ({"type": "Voice", "audio": b"not audio"}, server, "invalid_voice", "cannot be read as audio"),
+            ({"type": "Voice", "embeddings": [0.5], "shape": [1, 32, 1]}, server, "malformed_message",
+             "audio prompt"),
+            ({"type": "Voice", "audio": wav.read_bytes()}, embedding_server, "invalid_voice",
+             "speaker embedding"),
+        ]  # fmt: skip
+        for voice, srv, code_name, text in bad:
+            messages, _ = await _speak(srv, [msgpack.packb(voice)])
+            errors = [m for m in messages if m["type"] == "Error"]
+            assert len(errors) == 1 and errors[0]["code"] == code_name and text in errors[0]["message"], (
+                messages
+            )
+    finally:
+        await server.close()
+        await embedding_server.close()
