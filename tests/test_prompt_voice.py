@@ -374,3 +374,20 @@ async def test_server_voice_message_carries_an_audio_prompt(oracle, engine, tiny
     finally:
         await server.close()
         await embedding_server.close()
+
+
+def test_cli_clones_a_voice_from_a_wav(oracle, tiny_checkpoint, tmp_path, capsys):
+    from kyutai_tts_plugin.cli import main
+
+    wav = oracle.voices_dir / VOICES[0]
+    out = tmp_path / "out.wav"
+    common = ["--text", "a cloned voice", "--out", str(out), "--temperature", "0", "--voice", str(wav)]
+    args = ["synthesize", "--model", str(oracle.root), "--voice-repo", str(oracle.voices_dir), *common]
+    assert main(args) == 0
+    pcm, rate = sf.read(str(out), dtype="float32")
+    assert rate == 24000 and pcm.shape[0] > 0
+    # The 1.6B layout refuses it, saying what it takes instead.
+    args = ["synthesize", "--model", str(tiny_checkpoint), "--voice-repo", str(tiny_checkpoint / "voices")]
+    assert main([*args, *common]) == 2
+    err = capsys.readouterr().err
+    assert "speaker embedding" in err and "kyutai/tts-0.75b-en-public" in err
