@@ -391,3 +391,44 @@ def test_cli_clones_a_voice_from_a_wav(oracle, tiny_checkpoint, tmp_path, capsys
     assert main([*args, *common]) == 2
     err = capsys.readouterr().err
     assert "speaker embedding" in err and "kyutai/tts-0.75b-en-public" in err
+
+
+# -- the adapters: a WAV path as the voice setting -------------------------------------------------
+
+
+async def test_pipecat_service_speaks_with_a_prompt_voice(oracle, engine):
+    from pipecat.frames.frames import LLMFullResponseEndFrame
+
+    from kyutai_tts_plugin.pipecat import KyutaiTTSService
+
+    from .test_pipecat import assert_same_audio, audio_of, pcm16, run_bot, tokens_of
+
+    wav = str(oracle.voices_dir / VOICES[1])
+    reply = "A cloned voice in a pipeline."
+
+    async def script(bot) -> None:
+        await bot.say()
+        await bot.recorder.wait_for(lambda: len(bot.recorder.down(LLMFullResponseEndFrame)) == 1)
+
+    settings = KyutaiTTSService.Settings(voice=wav, temperature=0.0, cfg_coef=2.0)
+    bot = await run_bot(engine, [tokens_of(reply)], script, settings=settings)
+    expected = engine.synthesize(reply, SessionOptions(voice=wav, temperature=0.0, cfg_coef=2.0))
+    assert_same_audio(audio_of(bot.recorder.down()), pcm16(expected.pcm))
+
+
+async def test_livekit_tts_speaks_with_a_prompt_voice(oracle, engine):
+    from livekit.agents import APIConnectOptions
+
+    from kyutai_tts_plugin.livekit import TTS
+
+    wav = str(oracle.voices_dir / VOICES[1])
+    text = "A cloned voice for an agent."
+    tts = TTS(engine=engine, voice=wav, temperature=0.0, cfg_coef=1.5)
+    frames = [
+        ev async for ev in tts.synthesize(text, conn_options=APIConnectOptions(max_retry=0, timeout=10))
+    ]
+    got = b"".join(bytes(ev.frame.data) for ev in frames)
+    expected = engine.synthesize(text, SessionOptions(voice=wav, temperature=0.0, cfg_coef=1.5))
+    want = AudioChunk(expected.pcm, 0.0).pcm16()
+    # livekit's emitter may end the segment with silence up to its own frame size
+    assert got[: len(want)] == want and not got[len(want) :].strip(b"\0")
