@@ -185,7 +185,7 @@ def build_moshi_prefix_checkpoint(root: Path, seed: int = 0) -> MoshiCheckpoint:
     _save_random_mimi(root / config["mimi_name"], seed)
     voices_dir = root / "voices"
     for i, name in enumerate(VOICES):
-        write_prompt_wav(voices_dir / name, 2.0 + 0.5 * i, seed=seed + i)
+        write_prompt_wav(voices_dir / name, 1.2 + 0.2 * i, seed=seed + i)
     return MoshiCheckpoint(root, config, voices_dir)
 
 
