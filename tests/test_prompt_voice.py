@@ -28,7 +28,7 @@ from .test_engine_parity import collect, our_frames
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-TEXT = "hello world, this is a cloned voice speaking"
+TEXT = "hello world, a cloned voice"
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_seeded_sampling_matches_moshi_under_the_same_noise(oracle, engine, rec,
 def test_two_cfg_sessions_in_one_batch_match_moshis_batch(oracle, engine, rec):
     # moshi steps a batch of 2 with CFG as 4 rows; two sessions admitted at the same engine step
     # take 4 slots (each with its null branch) and step together: the same tokens, item by item.
-    texts = ["the first session of the batch", "and the second one, somewhat longer than that"]
+    texts = ["the first of a batch", "and a second, longer one"]
     voices = [oracle.voices_dir / VOICES[1], oracle.voices_dir / VOICES[2]]
     tts = oracle.load_moshi(n_q=16, temp=0.0)
     tts.cfg_coef = 2.0
@@ -164,14 +164,13 @@ def test_cfg_sessions_joining_a_batch_at_any_step_equal_their_solo_runs(oracle):
     # the same way for the same number of rows (not across numbers of rows, which would let a near-tie
     # flip a token), so any difference is a leak between rows or a bookkeeping error.
     eng = TTSEngine.from_pretrained(
-        oracle.root, voice_repo=oracle.voices_dir, max_sessions=4, default_voice=VOICES[0]
+        oracle.root, voice_repo=oracle.voices_dir, max_sessions=3, default_voice=VOICES[0]
     )
     eng.generator.buckets = [eng.generator.lm_state.batch_size]
     specs = [
-        ("the first of four", dict(voice=VOICES[0], cfg_coef=2.0)),
-        ("a second one, without guidance", dict(voice=VOICES[1], cfg_coef=1.0)),
-        ("a third, seeded and sampled", dict(voice=VOICES[2], cfg_coef=3.0, temperature=0.6, seed=9)),
-        ("and a fourth", dict(voice=VOICES[1], cfg_coef=1.5)),
+        ("the first of three", dict(voice=VOICES[0], cfg_coef=2.0)),
+        ("one without guidance", dict(voice=VOICES[1], cfg_coef=1.0)),
+        ("a seeded, sampled one", dict(voice=VOICES[2], cfg_coef=3.0, temperature=0.6, seed=9)),
     ]
     try:
         with StepRecorder(eng) as rec:
@@ -193,31 +192,27 @@ def test_cfg_sessions_joining_a_batch_at_any_step_equal_their_solo_runs(oracle):
                 assert got.shape == pcm.shape and np.abs(got - pcm).max() <= 1e-5
                 assert [e for e in events if isinstance(e, WordTiming)] == words
             starts = [rec.engine_indices(s)[0] for s, _, _ in sessions]
-            assert starts == sorted(starts) and len(set(starts)) == 4
+            assert starts == sorted(starts) and len(set(starts)) == 3
             rows = [(s.run.row, s.run.null_row) for s, _, _ in sessions]
-            assert sum(r is not None for _, r in rows) == 3  # cfg_coef 1.0 runs without a null branch
+            assert sum(r is not None for _, r in rows) == 2  # cfg_coef 1.0 runs without a null branch
     finally:
         eng.close()
 
 
-def test_voice_as_raw_pcm_resampled_or_flac_is_the_same_prompt(oracle, engine, rec, tmp_path):
+def test_voice_as_a_path_raw_pcm_a_name_resampled_or_mp3(oracle, engine, rec, tmp_path):
     wav = oracle.voices_dir / VOICES[0]
     pcm, rate = sf.read(str(wav), dtype="float32")
     assert rate == 24000
     by_path, _, _ = run_ours(engine, "same voice", voice=str(wav), temperature=0.0)
     by_pcm, _, _ = run_ours(engine, "same voice", voice=VoicePrompt(pcm, 24000), temperature=0.0)
-    flac = tmp_path / "prompt.flac"
-    sf.write(str(flac), pcm, 24000, subtype="PCM_24")
-    by_flac, _, _ = run_ours(engine, "same voice", voice=str(flac), temperature=0.0)
     by_name, _, _ = run_ours(engine, "same voice", voice=VOICES[0], temperature=0.0)
     assert rec.tokens(by_pcm) == rec.tokens(by_path) == rec.tokens(by_name)
-    assert len(rec.tokens(by_flac)) > 0  # 24-bit: close to, not exactly, the float prompt
     # Another rate is resampled to 24 kHz (soxr): 16 kHz int16 PCM and a 44.1 kHz MP3 both speak.
     low = (pcm[::3] * 32767).astype(np.int16)
     s16, chunks16, _ = run_ours(engine, "resampled voice", voice=VoicePrompt(low, 8000), temperature=0.0)
     assert chunks16 and rec.of(s16)[0].fed_text == -1
     mp3 = tmp_path / "prompt.mp3"
-    write_prompt_wav(tmp_path / "p44.wav", 2.0, seed=5, sample_rate=44100)
+    write_prompt_wav(tmp_path / "p44.wav", 1.5, seed=5, sample_rate=44100)
     data, r44 = sf.read(str(tmp_path / "p44.wav"), dtype="float32")
     sf.write(str(mp3), data, r44, format="MP3")
     _, chunks_mp3, _ = run_ours(engine, "an mp3 voice", voice=str(mp3), temperature=0.0)
