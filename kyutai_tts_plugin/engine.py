@@ -584,6 +584,10 @@ class TTSEngine:
     ) -> TTSEngine:
         """Load a checkpoint (Hugging Face repo id or local directory) and start the engine.
 
+        Its config.json decides what a voice is: a speaker embedding of `voice_repo`
+        (``kyutai/tts-1.6b-en_fr``), or an audio prompt (``kyutai/tts-0.75b-en-public``: a voice name
+        of `voice_repo`'s audio files, a WAV/FLAC/MP3 path or a `VoicePrompt`, with real CFG).
+
         `quantize="int8"` stores the large projections as int8 (opt-in CPU speed mode, not bit-exact;
         best with `dtype="bfloat16"`). `num_threads` sets torch's CPU thread count.
         """

@@ -87,7 +87,7 @@ class SessionOptions:
     temperature: float = 0.6  # 0 = greedy decoding; otherwise MIN_SAMPLING_TEMPERATURE..MAX_TEMPERATURE
     top_k: int = 250  # audio tokens (0 = no top-k); at most the audio vocabulary
     top_k_text: int = 25  # text tokens (0 = no top-k); at most the text vocabulary
-    n_q: int = 32  # audio codebooks generated (1..checkpoint n_q)
+    n_q: int = 32  # audio codebooks generated, 1..32; above the checkpoint's (16 for 0.75B): all of them
     padding_bonus: float = 0.0  # > 0 speaks slower, < 0 faster; -MAX_PADDING_BONUS..MAX_PADDING_BONUS
     seed: int | None = None  # 0..MAX_SEED; None: a random seed
     other_voice: str | None = None  # dialog only: the voice of the second speaker (see next_turn)

@@ -207,6 +207,8 @@ def test_voice_as_a_path_raw_pcm_a_name_resampled_or_mp3(oracle, engine, rec, tm
     by_pcm, _, _ = run_ours(engine, "same voice", voice=VoicePrompt(pcm, 24000), temperature=0.0)
     by_name, _, _ = run_ours(engine, "same voice", voice=VOICES[0], temperature=0.0)
     assert rec.tokens(by_pcm) == rec.tokens(by_path) == rec.tokens(by_name)
+    # The voice library of such a model is its audio files, named by their paths (no model suffix).
+    assert engine.list_voices() == sorted(VOICES)
     # Another rate is resampled to 24 kHz (soxr): 16 kHz int16 PCM and a 44.1 kHz MP3 both speak.
     low = (pcm[::3] * 32767).astype(np.int16)
     s16, chunks16, _ = run_ours(engine, "resampled voice", voice=VoicePrompt(low, 8000), temperature=0.0)
