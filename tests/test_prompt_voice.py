@@ -264,6 +264,10 @@ def test_bad_prompts_are_refused_with_what_the_model_expects(oracle, engine, tmp
     refused(str(tmp_path / "voice.1e68beda@240.safetensors"), "speaker-embedding file")
     with pytest.raises(InvalidInputError, match="one voice"):
         engine.open_session(SessionOptions(voice=VOICES[0], other_voice=VOICES[1]))
+    from kyutai_tts_plugin.remote import RemoteTTS
+
+    with pytest.raises(InvalidInputError, match="RemoteTTS takes a voice name"):
+        RemoteTTS("ws://127.0.0.1:1").open_session(SessionOptions(voice=VoicePrompt(np.zeros(24000))))
     # The engine keeps serving.
     assert engine.synthesize("still fine", SessionOptions(temperature=0.0)).pcm.size > 0
 
