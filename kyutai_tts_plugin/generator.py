@@ -248,6 +248,42 @@ class Generator:
         self.prev[row] = self.initial
         self.decoder.reset([row])
 
+    def save_rows(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """Copies of the device state of slots that have run `step` steps from a fresh start (fewer
+        than the attention window): their KV cells, last tokens, semantic history and Mimi decoder
+        state. `load_rows` puts them into other slots, which then continue from that step."""
+        st = self.lm_state
+        saved = []
+        for r in rows:
+            n = int(self.step[r])
+            assert n <= st.cell_pos.shape[1], "only a state that still fits the attention window"
+            saved.append(
+                {
+                    "step": n,
+                    "k": st.k[:, r, :, :n].clone(),
+                    "v": st.v[:, r, :, :n].clone(),
+                    "prev": self.prev[r].clone(),
+                    "history": self.history[r].clone(),
+                    "decoder": {key: buf[r].clone() for key, buf in self.decoder.state.buffers.items()},
+                }
+            )
+        return saved
+
+    def load_rows(self, rows: Sequence[int], saved: Sequence[dict[str, Any]]) -> None:
+        """Slots (just joined) take the state `save_rows` copied: they continue from its step."""
+        st = self.lm_state
+        for r, snap in zip(rows, saved, strict=True):
+            n = snap["step"]
+            st.k[:, r, :, :n] = snap["k"]
+            st.v[:, r, :, :n] = snap["v"]
+            st.cell_pos[r] = -1
+            st.cell_pos[r, :n] = torch.arange(n, device=self.device)  # position p sits in cell p
+            self.step[r] = n
+            self.prev[r] = snap["prev"]
+            self.history[r] = snap["history"]
+            for key, value in snap["decoder"].items():
+                self.decoder.state.buffers[key][r] = value
+
     def span_for(self, rows: Iterable[int]) -> int:
         """The smallest batch bucket holding every slot in `rows`."""
         last = max(rows)

@@ -38,8 +38,13 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> MoshiCheckpoint:
 
 @pytest.fixture(scope="module")
 def engine(oracle: MoshiCheckpoint):
+    # Every session computes its prompt's steps: the parity tests compare them with moshi's.
     eng = TTSEngine.from_pretrained(
-        oracle.root, voice_repo=oracle.voices_dir, max_sessions=4, default_voice=VOICES[0]
+        oracle.root,
+        voice_repo=oracle.voices_dir,
+        max_sessions=4,
+        default_voice=VOICES[0],
+        reuse_prompt_steps=False,
     )
     yield eng
     eng.close()
@@ -164,7 +169,11 @@ def test_cfg_sessions_joining_a_batch_at_any_step_equal_their_solo_runs(oracle):
     # the same way for the same number of rows (not across numbers of rows, which would let a near-tie
     # flip a token), so any difference is a leak between rows or a bookkeeping error.
     eng = TTSEngine.from_pretrained(
-        oracle.root, voice_repo=oracle.voices_dir, max_sessions=3, default_voice=VOICES[0]
+        oracle.root,
+        voice_repo=oracle.voices_dir,
+        max_sessions=3,
+        default_voice=VOICES[0],
+        reuse_prompt_steps=False,
     )
     eng.generator.buckets = [eng.generator.lm_state.batch_size]
     specs = [
@@ -195,6 +204,33 @@ def test_cfg_sessions_joining_a_batch_at_any_step_equal_their_solo_runs(oracle):
             assert starts == sorted(starts) and len(set(starts)) == 3
             rows = [(s.run.row, s.run.null_row) for s, _, _ in sessions]
             assert sum(r is not None for _, r in rows) == 2  # cfg_coef 1.0 runs without a null branch
+    finally:
+        eng.close()
+
+
+def test_a_prompts_steps_are_computed_once_and_reused(oracle):
+    # The state after a prompt's steps depends on the prompt alone: a second session with the same
+    # prompt (and CFG or not) starts from it, at step T, and continues exactly as the first did.
+    # (Every step spans all slots, as in the test above, so that float rounding is the same.)
+    eng = TTSEngine.from_pretrained(
+        oracle.root, voice_repo=oracle.voices_dir, max_sessions=2, default_voice=VOICES[0]
+    )
+    eng.generator.buckets = [eng.generator.lm_state.batch_size]
+    voice = oracle.voices_dir / VOICES[2]
+    try:
+        with StepRecorder(eng) as rec:
+            _, prefix, result = run_moshi(oracle, "said twice", voice, cfg=2.0)
+            frames = prefix.shape[-1]
+            for opts in (dict(cfg_coef=2.0, temperature=0.0), dict(cfg_coef=1.0, temperature=0.6, seed=3)):
+                first, chunks1, words1 = run_ours(eng, "said twice", voice=str(voice), **opts)
+                again, chunks2, words2 = run_ours(eng, "said twice", voice=str(voice), **opts)
+                assert [r.step for r in rec.of(first)][:1] == [0]
+                assert [r.step for r in rec.of(again)][:1] == [frames]  # the prompt's steps were skipped
+                assert rec.tokens(again) == rec.tokens(first)[frames:]
+                assert np.array_equal(np.stack(chunks2), np.stack(chunks1)) and words2 == words1
+                if opts["cfg_coef"] == 2.0:
+                    assert_same_tokens(rec, first, result)
+            assert len(eng._prompt_states) == 2  # with and without a null branch
     finally:
         eng.close()
 
