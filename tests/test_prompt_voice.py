@@ -208,7 +208,7 @@ def test_cfg_sessions_joining_a_batch_at_any_step_equal_their_solo_runs(oracle):
         eng.close()
 
 
-def test_a_prompts_steps_are_computed_once_and_reused(oracle):
+def test_a_prompts_steps_are_computed_once_and_reused(oracle, tmp_path):
     # The state after a prompt's steps depends on the prompt alone: a second session with the same
     # prompt (and CFG or not) starts from it, at step T, and continues exactly as the first did.
     # (Every step spans all slots, as in the test above, so that float rounding is the same.)
@@ -216,7 +216,8 @@ def test_a_prompts_steps_are_computed_once_and_reused(oracle):
         oracle.root, voice_repo=oracle.voices_dir, max_sessions=2, default_voice=VOICES[0]
     )
     eng.generator.buckets = [eng.generator.lm_state.batch_size]
-    voice = oracle.voices_dir / VOICES[2]
+    # 3 s: longer than the text-to-audio delay, so the Mimi decoder's state is part of what is kept.
+    voice = write_prompt_wav(tmp_path / "three-seconds.wav", 3.0, seed=11)
     try:
         with StepRecorder(eng) as rec:
             _, prefix, result = run_moshi(oracle, "said twice", voice, cfg=2.0)
