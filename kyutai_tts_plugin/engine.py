@@ -82,8 +82,8 @@ TIMEOUT_POLL_S = 1.0  # how often an idle worker looks for idle / over-long sess
 # Voices whose cross-attention keys/values stay cached (a joining session copies them into its slot,
 # so an evicted voice costs only a reload): about 80 MB each for the 1.6B model in bfloat16.
 VOICE_CACHE_SIZE = 16
-# States after a voice prompt's steps kept for reuse (about 12 MB per 10 s prompt for the 0.75B model
-# in bfloat16, twice that with CFG).
+# States after a voice prompt's steps kept for reuse: for a 10 s prompt with the 0.75B model in bfloat16,
+# about 12 MB of KV cells and 8 MB of Mimi decoder state per slot (two slots with CFG).
 PROMPT_STATE_CACHE_SIZE = 16
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per backbone layer: a voice's (keys, values)
