@@ -12,7 +12,7 @@ from .errors import (
     SessionClosedError,
     VoiceNotFoundError,
 )
-from .types import AudioChunk, SessionOptions, TTSBackend, TTSSession, WordTiming
+from .types import AudioChunk, SessionOptions, TTSBackend, TTSSession, VoicePrompt, WordTiming
 
 __all__ = [
     "AudioChunk",
@@ -31,6 +31,7 @@ __all__ = [
     "TTSEngine",
     "TTSSession",
     "VoiceNotFoundError",
+    "VoicePrompt",
     "WordTiming",
     "shared_engine",
 ]

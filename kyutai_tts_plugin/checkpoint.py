@@ -66,6 +66,7 @@ _GATINGS = (
 _POS_EMBS = ("sin", "rope", "sin_rope", "none", "rope_concat")
 _CONDITIONER_TYPES = ("lut", "tensor")
 
+_AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")  # voices of a model that takes audio prompts
 _ANY_VOICE_SUFFIX = re.compile(r"(.+)\.[0-9A-Za-z]+@\d+\.safetensors")
 _REQUIRED = object()  # marks a config key without a default
 
@@ -285,8 +286,17 @@ class TTSConfig:
 
     @property
     def voice_suffix(self) -> str:
-        """What follows a voice name in its file name, e.g. ``.1e68beda@240.safetensors``."""
+        """What follows a voice name in its file name, e.g. ``.1e68beda@240.safetensors``; empty for a
+        model whose voices are audio prompts (the voice file is the audio itself, as in moshi)."""
+        if self.voice_kind == "prompt":
+            return ""
         return f".{self.model_sig}@{self.model_epoch}.safetensors"
+
+    @property
+    def voice_kind(self) -> str:
+        """"embedding": voices condition the model as speaker embeddings (a `speaker_wavs`
+        conditioner, the 1.6B model); "prompt": the voice is an audio prefix (the 0.75B model)."""
+        return "embedding" if "speaker_wavs" in self.conditioners else "prompt"
 
     @property
     def delay_steps(self) -> int:
@@ -580,7 +590,9 @@ class VoiceLibrary:
     A voice is named by its path in the repo without the model suffix, e.g.
     ``expresso/ex03-ex01_happy_001_channel1_334s.wav`` for the file
     ``expresso/ex03-ex01_happy_001_channel1_334s.wav.1e68beda@240.safetensors``. With
-    ``suffix=None`` the library only lists, the voices made for any model (no model needed).
+    ``suffix=None`` the library only lists, the voices made for any model (no model needed). With
+    ``suffix=""`` (a model whose voices are audio prompts) the voices are the repo's audio files
+    themselves, named by their path (``expresso/...334s.wav``).
 
     Embeddings that arrive at run time (moshi-server's ``Voice`` message) are registered with
     `register_embedding`, which names them by content; `resolve` then finds them like any voice file.
@@ -664,6 +676,8 @@ class VoiceLibrary:
     def _candidates(self, name: str) -> list[str]:
         if self.suffix is None:
             raise CheckpointError("this voice library only lists voices: give it the model's voice suffix")
+        if self.suffix == "":
+            return [name] if name.lower().endswith(_AUDIO_EXTENSIONS) else [name + ".wav", name]
         base = name[: -len(self.suffix)] if name.endswith(self.suffix) else name
         return [base] if base.endswith(".wav") else [base + ".wav", base]
 
@@ -753,10 +767,14 @@ class VoiceLibrary:
         return self._names(p.relative_to(snapshot).as_posix() for p in self._files(snapshot))
 
     def _files(self, directory: Path) -> list[Path]:
+        if self.suffix == "":
+            return [p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in _AUDIO_EXTENSIONS]
         return [p for p in directory.rglob(f"*{self.suffix or '.safetensors'}") if p.is_file()]
 
     def _names(self, files: Iterable[str]) -> list[str]:
         """Voice names of the voice files among `files` (those of this model, or of any model)."""
+        if self.suffix == "":
+            return sorted({f for f in files if f.lower().endswith(_AUDIO_EXTENSIONS)})
         if self.suffix is not None:
             names = {f[: -len(self.suffix)] for f in files if f.endswith(self.suffix)}
         else:

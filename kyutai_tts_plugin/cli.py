@@ -46,21 +46,30 @@ def _one_line(e: BaseException) -> str:
 def _parser() -> argparse.ArgumentParser:
     from .checkpoint import DEFAULT_VOICE_REPO
 
-    parser = argparse.ArgumentParser(prog=PROG, description="Kyutai streaming TTS (kyutai/tts-1.6b-en_fr).")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Kyutai streaming TTS (kyutai/tts-1.6b-en_fr, kyutai/tts-0.75b-en-public)."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     syn = sub.add_parser("synthesize", help="speak a text into a WAV file (24 kHz, mono, 16-bit)")
     _model_args(syn)
-    syn.add_argument("--voice", help="voice name (default: the engine's default voice)")
+    syn.add_argument(
+        "--voice",
+        help="voice name (default: the engine's default voice); for a model that takes audio prompts "
+        "(kyutai/tts-0.75b-en-public) also a WAV, FLAC or MP3 file of the speaker to clone (1 to 20 s; "
+        "only with the speaker's consent)",
+    )
     text = syn.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="the text to speak")
     text.add_argument("--text-file", type=Path, help="read the text from this UTF-8 file")
     syn.add_argument("--out", type=Path, required=True, help="output WAV file")
     syn.add_argument("--timings", type=Path, help="write word timings as JSON [{word, start, end}]")
-    syn.add_argument("--n-q", type=int, help="audio codebooks to generate (default 32)")
+    syn.add_argument("--n-q", type=int, help="audio codebooks to generate (default: all, 32 or 16)")
     syn.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.6)")
-    syn.add_argument("--cfg", type=float, help="CFG coefficient, 1.0..4.0 by 0.5 (default 2.0)")
+    syn.add_argument(
+        "--cfg", type=float, help="CFG coefficient, 1.0..4.0 by 0.5 for the 1.6B model (default 2.0)"
+    )
     syn.add_argument("--seed", type=int, help="random seed for reproducible output")
     syn.add_argument("--padding-bonus", type=float, help="> 0 speaks slower, < 0 faster (default 0)")
     add_engine_arguments(syn)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import hashlib
 import itertools
 import logging
 import os
@@ -48,7 +49,7 @@ from .errors import (
 )
 from .generator import Generator, SlotSettings
 from .hardware import resolve_device, resolve_dtype
-from .lm import LMModel, LMShape, load_lm, quantize_int8
+from .lm import ZERO_TOKEN, LMModel, LMShape, load_lm, quantize_int8
 from .mimi import MimiConfig, MimiModel
 from .text import RawWord, TextTokenizer, WordChunker, normalize_word_text
 from .types import (
@@ -58,7 +59,16 @@ from .types import (
     AudioChunk,
     SessionEvent,
     SessionOptions,
+    VoicePrompt,
     WordTiming,
+)
+from .voice_prompt import (
+    EMBEDDING_MODEL,
+    PROMPT_MODEL,
+    PromptEncoder,
+    is_audio_path,
+    local_audio_file,
+    read_audio,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,6 +82,9 @@ TIMEOUT_POLL_S = 1.0  # how often an idle worker looks for idle / over-long sess
 # Voices whose cross-attention keys/values stay cached (a joining session copies them into its slot,
 # so an evicted voice costs only a reload): about 80 MB each for the 1.6B model in bfloat16.
 VOICE_CACHE_SIZE = 16
+# States after a voice prompt's steps kept for reuse: for a 10 s prompt with the 0.75B model in bfloat16,
+# about 12 MB of KV cells and 8 MB of Mimi decoder state per slot (two slots with CFG).
+PROMPT_STATE_CACHE_SIZE = 16
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per backbone layer: a voice's (keys, values)
 CLOSED_MESSAGE = "the engine is closed; create a new TTSEngine"
@@ -213,6 +226,11 @@ class _Session:
         self._push_lock = threading.Lock()
         self._pause_s = 0.0  # total of the session's break tags (capped by engine.max_pause_s)
         self._voice_ready = False  # its voice's cross-attention keys/values are in the engine cache
+        # A model with audio-prompt voices: the prompt as given (read at open when it is a local file or
+        # PCM), then its Mimi codes [dep_q, frames] once the loader has encoded it.
+        self._prompt: VoicePrompt | None = None
+        self._prefix: torch.Tensor | None = None
+        self._prefix_key = ""  # content hash of the prefix codes
         now = engine._timeout_clock()
         self._opened_at = now  # for engine.max_session_s
         self._active_at = now  # last push, flush or read: for engine.idle_timeout_s
@@ -446,6 +464,10 @@ class _SlotRun:
     entries_with_tokens_pending: int = 0
     compute_s: float = 0.0  # wall time of the engine steps this session took part in
     warned_slow: bool = False
+    null_row: int | None = None  # the generator slot of its CFG null branch (real CFG only)
+    prefix_frames: int = 0  # frames of its voice prompt: steps with the text held at zero, audio not sent
+    # Its prompt's kept state (see reuse_prompt_steps): prompt content, CFG or not, codebooks.
+    prompt_state_key: tuple[str, bool, int] | None = None
 
 
 class TTSEngine:
@@ -471,6 +493,7 @@ class TTSEngine:
         max_session_s: float | None = 900.0,
         max_pause_s: float = 60.0,
         compile: bool = False,
+        reuse_prompt_steps: bool = True,
     ) -> None:
         if max_sessions < 1:
             raise InvalidInputError("max_sessions must be at least 1")
@@ -507,8 +530,33 @@ class TTSEngine:
             second_stream_ahead=int(tts_config.get("second_stream_ahead", 0)),
         )
         self.multi_speaker = "speaker_wavs" in shape.conditioners
+        # What config.json says a voice is: a speaker embedding (cross-attention), or an audio prompt
+        # forced as a prefix, with real CFG when the model has no distilled `cfg` conditioner.
+        self.voice_kind = "embedding" if self.multi_speaker else "prompt"
+        self.real_cfg = self.voice_kind == "prompt" and not model.cfg_values()
+        # A prompt may fill half of the attention window, so the voice stays in view while it speaks.
+        self.max_prompt_frames = shape.context // 2 if self.voice_kind == "prompt" else 0
+        self.max_prompt_s = self.max_prompt_frames / self.frame_rate
+        self._prompts = (
+            PromptEncoder(mimi, shape.dep_q, self.max_prompt_s) if self.voice_kind == "prompt" else None
+        )
         self._max_delay = max(shape.delays)
-        self.generator = Generator(model, mimi, max_sessions, device, self.delay_steps, compile=compile)
+        # A voice prompt's steps depend on the prompt alone (text held at zero, audio forced, what is
+        # sampled thrown away): the state after them is kept per (prompt, CFG or not) and a session
+        # with the same prompt (and codebooks, and CFG or not) starts from it instead of recomputing them.
+        self.reuse_prompt_steps = reuse_prompt_steps
+        self._prompt_states: OrderedDict[tuple[str, bool, int], list[dict[str, Any]]] = OrderedDict()
+        # With real CFG a session may take two generator slots (itself and its null branch).
+        rows = max_sessions * (2 if self.real_cfg else 1)
+        self.generator = Generator(
+            model,
+            mimi,
+            rows,
+            device,
+            self.delay_steps,
+            compile=compile,
+            max_prefix_frames=self.max_prompt_frames,
+        )
         self._cross_cache: OrderedDict[tuple[str, ...], CrossKV] = OrderedDict()
         self._cross_lock = threading.Lock()  # the loader thread fills the cache, the worker reads it
         self._cv = threading.Condition()
@@ -548,6 +596,10 @@ class TTSEngine:
         **kwargs: Any,
     ) -> TTSEngine:
         """Load a checkpoint (Hugging Face repo id or local directory) and start the engine.
+
+        Its config.json decides what a voice is: a speaker embedding of `voice_repo`
+        (``kyutai/tts-1.6b-en_fr``), or an audio prompt (``kyutai/tts-0.75b-en-public``: a voice name
+        of `voice_repo`'s audio files, a WAV/FLAC/MP3 path or a `VoicePrompt`, with real CFG).
 
         `quantize="int8"` stores the large projections as int8 (opt-in CPU speed mode, not bit-exact;
         best with `dtype="bfloat16"`). `num_threads` sets torch's CPU thread count.
@@ -609,17 +661,23 @@ class TTSEngine:
         options = replace(options or SessionOptions(), **overrides)
         self._validate(options)
         self._check_usable()
-        voices = [options.voice or self.default_voice]
+        prompt = self._prompt_of(options)
+        voice = options.voice if isinstance(options.voice, str) and options.voice else None
+        voices = [voice or self.default_voice]
         if options.other_voice is not None:
             voices.append(options.other_voice)
-        if self.voices.directory is not None:
+        if self.voices.directory is not None and prompt is None:
             # A local directory is a file check (no network): an unknown voice is refused at once,
             # with close matches. A Hub voice is resolved by the loader; its iterator raises then.
             for v in voices:
                 self.voices.resolve(v)
         handle = StreamingSession(self, options, voices)
         session = handle._core
-        session._voice_ready = not self.multi_speaker or tuple(voices) in self._cross_cache
+        session._prompt = prompt
+        if self.voice_kind == "prompt":
+            session._voice_ready = False  # the loader encodes its prompt (or finds it in the cache)
+        else:
+            session._voice_ready = tuple(voices) in self._cross_cache
         with self._cv:
             self._check_usable()
             # Admission is asynchronous (the worker moves sessions into slots), so count both.
@@ -631,7 +689,7 @@ class TTSEngine:
                 )
             self._waiting.append(session)
             if not session._voice_ready:
-                self._loader.submit(self._load_voices, session)
+                self._loader.submit(self._load_voice_prompt if self._prompts else self._load_voices, session)
             self._cv.notify_all()
         return handle
 
@@ -696,8 +754,49 @@ class TTSEngine:
 
     def _validate(self, o: SessionOptions) -> None:
         shape = self.model.shape  # the one shared check (types.py), with this checkpoint's bounds
-        bounds = {"n_q_max": shape.dep_q, "audio_vocab": shape.card, "text_vocab": shape.text_card}
+        # n_q above the checkpoint's codebooks means all of them (the default, 32, asks the 16-codebook
+        # model for its 16), so that one set of options serves both model kinds.
+        n_q_max = max(shape.dep_q, SessionOptions.n_q)
+        bounds = {"n_q_max": n_q_max, "audio_vocab": shape.card, "text_vocab": shape.text_card}
         o.validate(cfg_values=self.model.cfg_values(), **bounds)
+        if self.voice_kind == "embedding":
+            for name in ("voice", "other_voice"):
+                v = getattr(o, name)
+                audio_file = isinstance(v, str) and local_audio_file(v) is not None
+                if isinstance(v, VoicePrompt) or audio_file:
+                    raise InvalidInputError(
+                        f"{name}={v!r} is an audio prompt, but {EMBEDDING_MODEL}. Voice cloning from audio "
+                        "needs a model that takes audio prompts, such as kyutai/tts-0.75b-en-public"
+                    )
+        else:
+            if o.other_voice is not None:
+                raise InvalidInputError(
+                    f"other_voice is set, but {PROMPT_MODEL}: it speaks with one voice; leave other_voice "
+                    "unset (dialogs need a model with speaker embeddings, such as kyutai/tts-1.6b-en_fr)"
+                )
+            if isinstance(o.voice, str) and o.voice.endswith(".safetensors"):
+                raise InvalidInputError(
+                    f"voice={o.voice!r} is a speaker-embedding file, but {PROMPT_MODEL}: give a WAV, FLAC or "
+                    "MP3 file of the speaker (1 s or more), raw PCM (VoicePrompt), or a voice name"
+                )
+
+    def _prompt_of(self, o: SessionOptions) -> VoicePrompt | None:
+        """The session's voice prompt when it is given as PCM or a local audio file (read now, so that
+        an unreadable, empty, too short or too long prompt is refused at open), else None."""
+        if self._prompts is None:
+            return None
+        if isinstance(o.voice, VoicePrompt):
+            prompt = o.voice
+            shown = "the voice prompt (VoicePrompt)"
+        elif isinstance(o.voice, str) and is_audio_path(o.voice) and local_audio_file(o.voice) is not None:
+            prompt = read_audio(o.voice)
+            shown = f"voice prompt {o.voice!r}"
+        else:
+            return None
+        from .voice_prompt import prompt_pcm
+
+        prompt_pcm(prompt, self.max_prompt_s, shown)  # the checks only; the loader encodes
+        return prompt
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -728,6 +827,35 @@ class TTSEngine:
             s._abort(exc)
             return
         with self._cv:
+            s._voice_ready = True
+            self._cv.notify_all()
+
+    def _load_voice_prompt(self, s: StreamingSession) -> None:
+        """Loader thread: the session's voice prompt read (a voice name), checked and Mimi-encoded (or
+        found in the cache by content), then it may take a slot."""
+        assert self._prompts is not None
+        try:
+            if s._cancelled or s._finished:
+                return
+            prompt, shown = s._prompt, "the voice prompt (VoicePrompt)"
+            if prompt is None:
+                name = s._voices[0]
+                path = local_audio_file(name) or self.voices.resolve(name)  # VoiceNotFoundError
+                shown = f"voice {name!r}"
+                # A library voice's message names the voice, not the file (a server's paths are private).
+                prompt = read_audio(path, shown=name)
+            with torch.no_grad():
+                codes = self._prompts.codes(prompt, shown)
+        except Exception as exc:  # this session's voice only: it alone ends
+            if not isinstance(exc, (VoiceNotFoundError, EngineFailure, InvalidInputError)):
+                logger.exception("loading voice prompt of session %s failed", s.id)
+                exc = EngineFailure(f"the voice prompt could not be encoded ({type(exc).__name__})")
+            s._abort(exc)
+            return
+        key = hashlib.sha256(codes.cpu().numpy().tobytes()).hexdigest()
+        with self._cv:
+            s._prefix = codes
+            s._prefix_key = key
             s._voice_ready = True
             self._cv.notify_all()
 
@@ -880,23 +1008,62 @@ class TTSEngine:
                 self._release(s)
                 s._end(error)
 
-    def _start_run(self, s: StreamingSession, row: int) -> _SlotRun:
+    def _free_rows(self, count: int) -> list[int]:
+        """The `count` lowest generator slots no session holds (sessions in `_slots` with a run)."""
+        used: set[int] = set()
+        for x in self._slots:
+            if x is not None and x.run is not None:
+                used.add(x.run.row)
+                if x.run.null_row is not None:
+                    used.add(x.run.null_row)
+        free = [i for i in range(self.generator.lm_state.batch_size) if i not in used]
+        if len(free) < count:
+            raise RuntimeError(f"no {count} free generator slots for a session")  # sized so it never is
+        return free[:count]
+
+    def _start_run(self, s: StreamingSession, slot: int) -> _SlotRun:
         o = s.options
+        cfg = self.real_cfg and o.cfg_coef != 1.0  # moshi: a coefficient of 1 runs without CFG
+        rows = self._free_rows(2 if cfg else 1)
+        row, null_row = rows[0], (rows[1] if cfg else None)
         settings = SlotSettings(
             temperature=o.temperature,
             top_k=o.top_k,
             temperature_text=o.temperature,
             top_k_text=o.top_k_text,
-            n_q=o.n_q,
+            n_q=min(o.n_q, self.model.shape.dep_q),
             padding_bonus=o.padding_bonus,
             seed=o.seed if o.seed is not None else random.randrange(2**63),
         )
         cond_sum = self.model.condition_sum(o.cfg_coef if self.model.cfg_values() else None)
         cross = self._voice_kv(tuple(s._voices)) if self.multi_speaker else None
-        self.generator.join(row, settings, cond_sum.to(self.device), cross)
-        return _SlotRun(
-            row=row, dsm_state=self.machine.new_state(), settings=settings, voice_key=tuple(s._voices)
+        prefix = s._prefix
+        self.generator.join(
+            row,
+            settings,
+            cond_sum.to(self.device),
+            cross,
+            prefix=prefix,
+            null_row=null_row,
+            cfg_coef=float(o.cfg_coef) if cfg else 1.0,
         )
+        run = _SlotRun(
+            row=row,
+            dsm_state=self.machine.new_state(),
+            settings=settings,
+            voice_key=tuple(s._voices),
+            null_row=null_row,
+            prefix_frames=0 if prefix is None else int(prefix.shape[-1]),
+            prompt_state_key=(
+                (s._prefix_key, cfg, settings.n_q) if prefix is not None and self.reuse_prompt_steps else None
+            ),
+        )
+        saved = self._prompt_states.get(run.prompt_state_key) if run.prompt_state_key else None
+        if saved is not None:
+            self._prompt_states.move_to_end(run.prompt_state_key)  # type: ignore[arg-type]
+            self.generator.load_rows(rows, saved)
+            run.step = saved[0]["step"]
+        return run
 
     def _take_inbox(self, s: StreamingSession) -> None:
         run = s.run
@@ -919,8 +1086,8 @@ class TTSEngine:
         limit = s.max_buffered_frames if s.max_buffered_frames is not None else self.max_buffered_frames
         if limit is not None and s._buffered() >= limit:
             return False
-        if s._flushed:
-            return True
+        if s._flushed or run.step < run.prefix_frames:
+            return True  # flushed; or still in its voice prompt, where the text is held at zero
         entries = run.dsm_state.entries
         if entries and not entries[0].tokens:
             return True  # a pause: no lookahead needed to consume it
@@ -943,7 +1110,7 @@ class TTSEngine:
                 s
                 for s in ready
                 if s.run is not None
-                and s.run.step < self.delay_steps - 1
+                and s.run.step < s.run.prefix_frames + self.delay_steps - 1
                 and not s._cancelled
                 and self._ready(s)
             ]
@@ -965,25 +1132,37 @@ class TTSEngine:
         runs_: list[_SlotRun] = runs  # type: ignore[assignment]
         gen = self.generator
         # Every slot of the span is computed; those not in `sessions` are masked (fed -1).
-        span = gen.span_for(r.row for r in runs_)
+        rows = [r.row for r in runs_] + [r.null_row for r in runs_ if r.null_row is not None]
+        span = gen.span_for(rows)
         sampled_span = gen.text_step(span)
         sampled_all = [sampled_span[r.row] for r in runs_]
-        fed = [self.machine.process(r.step, r.dsm_state, t) for r, t in zip(runs_, sampled_all, strict=True)]
+        # During a voice prompt the text is held at the zero token and the state machine waits.
+        fed = [
+            self.machine.process(r.step, r.dsm_state, t) if r.step >= r.prefix_frames else ZERO_TOKEN
+            for r, t in zip(runs_, sampled_all, strict=True)
+        ]
         fed_span = [-1] * span
+        active_span = [False] * span
         for r, f in zip(runs_, fed, strict=True):
             fed_span[r.row] = f
+            active_span[r.row] = True
+            if r.null_row is not None:
+                active_span[r.null_row] = True
 
         deep = [r for r in runs_ if r.step >= self.delay_steps]
         # Frame t - max_delay is complete now: its semantic token is from then, acoustic from now.
         decode = [i for i, r in enumerate(runs_) if r.step - self._max_delay >= self.delay_steps]
         audio_span, pcm_np = gen.audio_step(
-            fed_span, max((r.settings.n_q for r in deep), default=0), bool(decode)
+            fed_span, max((r.settings.n_q for r in deep), default=0), bool(decode), active_span
         )
         audio_host = audio_span[[r.row for r in runs_]].tolist()
         chunks: dict[int, AudioChunk] = {}
         for i in decode:
-            index = runs_[i].step - self._max_delay - self.delay_steps
-            chunks[i] = AudioChunk(pcm_np[runs_[i].row].copy(), index * FRAME_DURATION_S)
+            # A voice prompt's own frames are decoded (the decoder's state needs them) but not sent:
+            # the session's audio timeline starts after them.
+            index = runs_[i].step - self._max_delay - self.delay_steps - runs_[i].prefix_frames
+            if index >= 0:
+                chunks[i] = AudioChunk(pcm_np[runs_[i].row].copy(), index * FRAME_DURATION_S)
 
         observed: list[SessionStep] = []
         # Being stepped is progress (idle_timeout_s counts waiting for text or a reader, not a slow
@@ -996,17 +1175,23 @@ class TTSEngine:
                     SessionStep(s.id, r.step, sampled_all[i], fed[i], tuple(audio_host[i]), r.dsm_state)
                 )
             r.step += 1
+            key = r.prompt_state_key
+            if key is not None and r.step == r.prefix_frames and key not in self._prompt_states:
+                kept = [r.row] if r.null_row is None else [r.row, r.null_row]
+                self._prompt_states[key] = gen.save_rows(kept)
+                while len(self._prompt_states) > PROMPT_STATE_CACHE_SIZE:
+                    self._prompt_states.popitem(last=False)
 
         for i, (s, r) in enumerate(zip(sessions, runs_, strict=True)):
             events: list[SessionEvent] = []
             chunk = chunks.get(i)
-            events.extend(self._word_timings(r, s, chunk))
+            events.extend(self._prompt_timed(r, s, chunk))
             if chunk is not None:
                 events.append(chunk)
             s._emit(events)
             end = r.dsm_state.end_step
             if end is not None and r.step >= end + self.delay_steps + FINAL_PADDING + self._max_delay:
-                s._emit(self._word_timings(r, s, None, final=True))
+                s._emit(self._prompt_timed(r, s, None, final=True))
                 with self._cv:
                     self._release(s)
                 s._end()
@@ -1020,6 +1205,20 @@ class TTSEngine:
                     observer(step)
                 except Exception:  # an observer's bug must not fail the sessions it watches
                     logger.exception("step observer %r failed", observer)
+
+    def _prompt_timed(
+        self, r: _SlotRun, s: StreamingSession, chunk: AudioChunk | None, final: bool = False
+    ) -> list[WordTiming]:
+        """`_word_timings` on the session's timeline: the DSM steps count the voice prompt's frames,
+        the audio sent does not, so both are moved back by the prompt's length."""
+        if not r.prefix_frames:
+            return self._word_timings(r, s, chunk, final)
+        shift = r.prefix_frames * FRAME_DURATION_S
+        at_steps = None if chunk is None else AudioChunk(chunk.pcm, chunk.start_s + shift)
+        return [
+            replace(w, start_s=max(0.0, w.start_s - shift), end_s=max(0.0, w.end_s - shift))
+            for w in self._word_timings(r, s, at_steps, final)
+        ]
 
     def _check_real_time(self, sessions: list[StreamingSession], step_s: float) -> None:
         """Say once per session, in the log, when the engine makes its audio slower than it plays."""

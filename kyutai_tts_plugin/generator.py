@@ -19,6 +19,13 @@ on the host, like the reference's text hook), then one packed tensor with the au
 decoded PCM. Sampling uses a counter-based noise keyed by (seed, step, stream, vocabulary entry), and
 a top-k whose ties break by vocabulary id, so a seeded session draws the same tokens alone and in any
 batch; the noise is drawn only for the ranked candidates (the span's largest top-k).
+
+A model that takes its voice as an audio prefix (no speaker cross-attention) gets two more things, as
+the reference's TTS loop does them: each slot's prefix codes are forced over the sampled audio tokens at
+the steps they belong to (a per-slot queue on the device), and real classifier-free guidance runs the
+null branch as a second slot of the session, stepped in the same batch: it reads its session's tokens
+with the prefix (and the text, always) zeroed, and the session's audio logits are combined with it
+before sampling.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ import numpy as np
 import torch
 
 from . import dsm
+from .cfg import combine_cfg
 from .lm import LMModel, LMState, backbone_step, depformer_step
 from .mimi import MimiModel, MimiStreamingDecoder
 from .sampling import sample, stream_keys, to_seed
 
 # Compiled variants per half: batch buckets x n_q values in use.
 COMPILE_VARIANTS = 64
+UNFORCED = -2  # a prefix cell with nothing to force (the reference's "ungenerated" token)
 
 
 def batch_buckets(max_sessions: int) -> list[int]:
@@ -91,14 +100,17 @@ class Generator:
         device: torch.device,
         delay_steps: int,
         compile: bool = False,
+        max_prefix_frames: int = 0,
     ) -> None:
+        """`max_prefix_frames` > 0: slots may hold an audio prefix of up to that many frames (and a
+        CFG null branch in a second slot); 0: neither (a model with speaker cross-attention)."""
         shape = model.shape
         self.model = model
         self.mimi = mimi
         self.device = device
         self.delay_steps = delay_steps
         self.dep_q = shape.dep_q
-        self.text_vocab = shape.text_card
+        self.text_vocab = shape.text_card_out
         self.audio_vocab = shape.card
         self.max_delay = max(shape.delays)
         self.buckets = batch_buckets(max_sessions)
@@ -124,6 +136,20 @@ class Generator:
         self.history = torch.zeros(max_sessions, self.max_delay + 1, **i64)
         self.streams = torch.arange(1 + self.dep_q, **i64)  # 0: text; 1 + q: codebook q
         self.settings: list[SlotSettings | None] = [None] * max_sessions  # host copies, for static shapes
+        # Audio prefixes and CFG null branches (see the module docstring); None for other models.
+        self.prefixes = max_prefix_frames > 0
+        self.forced: torch.Tensor | None = None
+        if self.prefixes:
+            # Column j: the prefix codes forced at a slot's step j (-2: not forced). The last column
+            # is never written: steps past the prefix read it.
+            cols = max_prefix_frames + self.max_delay + delay_steps + 1
+            self.forced = torch.full((max_sessions, cols, self.dep_q), UNFORCED, **i64)
+        rows = torch.arange(max_sessions, **i64)
+        self.source = rows.clone()  # the slot whose tokens a slot reads: its session's for a null branch
+        self.null_of = rows.clone()  # a session slot's null-branch slot (itself without CFG)
+        self.is_null = torch.zeros(max_sessions, dtype=torch.bool, device=device)
+        self.cfg_coef = torch.ones(max_sessions, **f32)
+        self.mask_until = torch.zeros(max_sessions, **i64)  # a null branch's inputs are zero until this
         self._pending: _Pending | None = None
         self._text: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = self._text_tensors
         self._audio: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._audio_tensors
@@ -155,6 +181,7 @@ class Generator:
             self.prev,
             self.history,
             *self.decoder.state.buffers.values(),
+            *(t for t in (self.forced,) if t is not None),
         ]
 
     def join(
@@ -163,9 +190,61 @@ class Generator:
         settings: SlotSettings,
         cond_sum: torch.Tensor,
         cross: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        prefix: torch.Tensor | None = None,
+        null_row: int | None = None,
+        cfg_coef: float = 1.0,
     ) -> None:
         """A session takes slot `row`: reset its caches, write its settings and its voice's
-        cross-attention keys/values (`cross`, per layer, for a model with speaker cross-attention)."""
+        cross-attention keys/values (`cross`, per layer, for a model with speaker cross-attention).
+
+        `prefix` (codes [dep_q, T]): audio forced at the first steps, each codebook at its own delay
+        after the text-to-audio delay. `null_row`: the slot of the session's CFG null branch, whose
+        audio logits are combined as null + cfg_coef * (cond - null).
+        """
+        self._join_row(row, settings, cond_sum, cross)
+        self.source[row] = row
+        self.null_of[row] = row if null_row is None else null_row
+        self.is_null[row] = False
+        self.cfg_coef[row] = cfg_coef
+        self.mask_until[row] = 0
+        frames = 0 if prefix is None else prefix.shape[-1]
+        if self.forced is not None:
+            self.forced[row] = UNFORCED
+            if prefix is not None:
+                self._write_prefix(row, prefix)
+        elif prefix is not None:
+            raise ValueError("this generator was built without audio prefixes (max_prefix_frames=0)")
+        if null_row is not None:
+            self._join_row(null_row, settings, cond_sum, cross)
+            self.source[null_row] = row
+            self.null_of[null_row] = null_row
+            self.is_null[null_row] = True
+            self.cfg_coef[null_row] = 1.0
+            # The reference zeroes the null branch's inputs while step <= delay_k + this (its
+            # `cfg_is_masked_until`: the prefix length plus the text-to-audio delay).
+            self.mask_until[null_row] = frames + self.delay_steps
+            if self.forced is not None:
+                self.forced[null_row] = UNFORCED
+
+    def _write_prefix(self, row: int, prefix: torch.Tensor) -> None:
+        assert self.forced is not None
+        n_q, frames = prefix.shape
+        if n_q != self.dep_q:
+            raise ValueError(f"the prefix has {n_q} codebooks, the model {self.dep_q}")
+        if frames + self.max_delay + self.delay_steps >= self.forced.shape[1]:
+            raise ValueError(f"the prefix has {frames} frames, more than this generator holds")
+        codes = prefix.to(self.device, torch.long)
+        for q in range(n_q):
+            start = int(self.delays[1 + q]) + self.delay_steps
+            self.forced[row, start : start + frames, q] = codes[q]
+
+    def _join_row(
+        self,
+        row: int,
+        settings: SlotSettings,
+        cond_sum: torch.Tensor,
+        cross: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> None:
         fresh_cross = cross is not None and self.lm_state.cross_k is None
         self.lm_state.reset(row, cross)
         if fresh_cross and self.device.type == "cuda" and self._text is not self._text_tensors:
@@ -185,6 +264,42 @@ class Generator:
         self.prev[row] = self.initial
         self.decoder.reset([row])
 
+    def save_rows(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """Copies of the device state of slots that have run `step` steps from a fresh start (fewer
+        than the attention window): their KV cells, last tokens, semantic history and Mimi decoder
+        state. `load_rows` puts them into other slots, which then continue from that step."""
+        st = self.lm_state
+        saved = []
+        for r in rows:
+            n = int(self.step[r])
+            assert n <= st.cell_pos.shape[1], "only a state that still fits the attention window"
+            saved.append(
+                {
+                    "step": n,
+                    "k": st.k[:, r, :, :n].clone(),
+                    "v": st.v[:, r, :, :n].clone(),
+                    "prev": self.prev[r].clone(),
+                    "history": self.history[r].clone(),
+                    "decoder": {key: buf[r].clone() for key, buf in self.decoder.state.buffers.items()},
+                }
+            )
+        return saved
+
+    def load_rows(self, rows: Sequence[int], saved: Sequence[dict[str, Any]]) -> None:
+        """Slots (just joined) take the state `save_rows` copied: they continue from its step."""
+        st = self.lm_state
+        for r, snap in zip(rows, saved, strict=True):
+            n = snap["step"]
+            st.k[:, r, :, :n] = snap["k"]
+            st.v[:, r, :, :n] = snap["v"]
+            st.cell_pos[r] = -1
+            st.cell_pos[r, :n] = torch.arange(n, device=self.device)  # position p sits in cell p
+            self.step[r] = n
+            self.prev[r] = snap["prev"]
+            self.history[r] = snap["history"]
+            for key, value in snap["decoder"].items():
+                self.decoder.state.buffers[key][r] = value
+
     def span_for(self, rows: Iterable[int]) -> int:
         """The smallest batch bucket holding every slot in `rows`."""
         last = max(rows)
@@ -203,11 +318,18 @@ class Generator:
         return sampled.tolist()
 
     @torch.no_grad()
-    def audio_step(self, fed: Sequence[int], n_q: int, decode: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Finish the step. `fed`: per slot of the span, the text token the state machine fed, or -1
-        for a slot that does not advance. Runs the depformer on the span up to `n_q` codebooks (none
-        when 0), then, with `decode`, Mimi on the span: the slots due a frame (stepping, their first
-        frame complete) advance their decoder.
+    def audio_step(
+        self,
+        fed: Sequence[int],
+        n_q: int,
+        decode: bool,
+        active: Sequence[bool] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Finish the step. `fed`: per slot of the span, the text token the state machine fed (-1, the
+        zero token, while a prefix is forced). `active`: per slot, whether it advances (default: those
+        fed a token >= 0); a null-branch slot advances with its session. Runs the depformer on the span
+        up to `n_q` codebooks (none when 0), then, with `decode`, Mimi on the span: the session slots
+        due a frame (advancing, their first frame complete) move their decoder on.
 
         Returns (audio tokens [span, dep_q] int, -1 where none; pcm [span, frame] float32, meaningful
         for the slots due a frame, empty without `decode`), brought to the host in one transfer (host
@@ -219,10 +341,15 @@ class Generator:
         span = pending.span
         if len(fed) != span:
             raise ValueError(f"fed has {len(fed)} slots, the step spans {span}")
+        if active is None:
+            active = [f >= 0 for f in fed]
+        if len(active) != span:
+            raise ValueError(f"active has {len(active)} slots, the step spans {span}")
         decode = decode and n_q > 0
         fed_t = torch.tensor(list(fed), dtype=torch.long).to(self.device, non_blocking=True)
+        active_t = torch.tensor(list(active), dtype=torch.bool).to(self.device, non_blocking=True)
         k_audio = candidate_bound(self.settings[:span], False, self.audio_vocab)
-        audio, pcm = self._audio(span, n_q, k_audio, decode, pending.hidden, pending.keys, fed_t)
+        audio, pcm = self._audio(span, n_q, k_audio, decode, pending.hidden, pending.keys, fed_t, active_t)
         if n_q == 0:
             return np.full((span, self.dep_q), -1, dtype=np.int32), np.zeros(
                 (0, self.mimi.frame_size), np.float32
@@ -238,8 +365,19 @@ class Generator:
 
     def _text_tensors(self, span: int, k_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         step = self.step[:span]
-        prev = self.prev[:span]
-        tokens = torch.where(step[:, None] <= self.delays[None], self.initial[None], prev)
+        is_init = step[:, None] <= self.delays[None]
+        if self.prefixes:
+            # A null branch reads its session's tokens, zeroed except the initial ones: the text
+            # always, the audio while step <= delay_k + mask_until (the reference's cfg_is_no_text and
+            # cfg_is_no_prefix); mask_until is 0 and is_null False on every other slot.
+            prev = self.prev[self.source[:span]]
+            tokens = torch.where(is_init, self.initial[None], prev)
+            null = self.is_null[:span, None]
+            masked = step[:, None] <= self.delays[None] + self.mask_until[:span, None]
+            masked[:, 0] = True
+            tokens = torch.where(null & masked & ~is_init, torch.full_like(tokens, -1), tokens)
+        else:
+            tokens = torch.where(is_init, self.initial[None], self.prev[:span])
         hidden, logits = backbone_step(self.model, self.lm_state, tokens, step, self.cond_sum[:span])
         bonus = torch.zeros_like(logits, dtype=torch.float32)
         bonus[:, dsm.PAD] = self.padding_bonus[:span]
@@ -257,21 +395,34 @@ class Generator:
         hidden: torch.Tensor,
         keys: torch.Tensor,
         fed: torch.Tensor,
+        active: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        active = fed >= 0
         step = self.step[:span]
+        source = self.source[:span]
+        if self.prefixes:
+            fed = fed[source]  # a null branch's depformer reads its session's text token
         audio = torch.full((span, self.dep_q), -1, dtype=torch.long, device=fed.device)
         if n_q > 0:
             temp, top_k, row_nq = self.temperature[:span], self.top_k[:span], self.n_q[:span]
 
             def choose(q: int, logits: torch.Tensor) -> torch.Tensor:
+                if self.prefixes:
+                    logits = combine_cfg(logits, self.null_of[:span], self.cfg_coef[:span])
                 tok = sample(logits, temp, top_k, keys[:, 1 + q], k_audio)
+                if self.prefixes:
+                    tok = tok[source]  # a null branch continues with its session's token
                 return torch.where(row_nq > q, tok, torch.full_like(tok, -1))  # past the row's n_q: none
 
-            codes = depformer_step(self.model, hidden, fed.clamp(min=0), n_q, choose)
+            codes = depformer_step(self.model, hidden, fed, n_q, choose)
             # The acoustic codebooks are delayed: their first steps are not audio yet.
             keep = step[:, None] >= self.delays[1 : 1 + n_q][None] + self.delay_steps
             codes = torch.where(keep, codes, torch.full_like(codes, -1))
+            if self.forced is not None:
+                # The prefix replaces what was sampled (after the whole chain, as the reference's hook).
+                last = self.forced.shape[1] - 1
+                col = self.forced[torch.arange(span, device=fed.device), step.clamp(max=last)][:, :n_q]
+                forced = (col != UNFORCED) & (row_nq[:, None] > torch.arange(n_q, device=fed.device)[None])
+                codes = torch.where(forced, col, codes)
             audio = torch.cat([codes, audio[:, n_q:]], dim=1)
         written = torch.cat([fed[:, None], audio], dim=1)
         self.prev[:span] = torch.where(active[:, None], written, self.prev[:span])
@@ -281,8 +432,9 @@ class Generator:
         self.history[rows, cell] = torch.where(active, audio[:, 0], self.history[rows, cell])
         semantic = self.history[rows, (step - self.max_delay) % cells]
         # Frame step - max_delay is complete now: its semantic token is from then, its acoustic ones
-        # from now. (Computed before the step counters move: `step` is a view of them.)
-        due = active & (step >= self.max_delay + self.delay_steps)
+        # from now. (Computed before the step counters move: `step` is a view of them.) A null
+        # branch's audio is never heard: its decoder stays still.
+        due = active & ~self.is_null[:span] & (step >= self.max_delay + self.delay_steps)
         self.step[:span] = step + active.long()
         pcm = torch.zeros(span if decode else 0, self.mimi.frame_size, device=fed.device)
         if decode:

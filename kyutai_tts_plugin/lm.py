@@ -267,6 +267,7 @@ class LMShape:
     max_period: float
     card: int
     text_card: int
+    text_card_out: int  # rows of the text head: the actions the model predicts (5 for the 0.75B model)
     n_q: int
     dep_q: int
     delays: tuple[int, ...]
@@ -306,6 +307,7 @@ class LMShape:
             max_period=float(cfg.get("max_period", 10000)),
             card=int(cfg["card"]),
             text_card=int(cfg["text_card"]),
+            text_card_out=int(cfg.get("text_card_out") or cfg["text_card"]),
             n_q=int(cfg["n_q"]),
             dep_q=dep_q,
             delays=tuple(int(d) for d in cfg["delays"]),
@@ -333,7 +335,7 @@ class LMModel(nn.Module):
             )
         self.emb = nn.ModuleList(Embedding(s.card + 1, s.dim) for _ in range(s.n_q))
         self.text_emb = Embedding(s.text_card + 1, s.dim, demux=s.demux_second_stream)
-        self.text_linear = Linear(s.dim, s.text_card, bias=False)
+        self.text_linear = Linear(s.dim, s.text_card_out, bias=False)
         self.transformer = nn.Module()
         self.transformer.layers = nn.ModuleList(
             BackboneLayer(s.dim, s.num_heads, s.dim_feedforward, s.norm, s.cross_attention)
@@ -499,7 +501,7 @@ def backbone_step(
     tokens: [n, 1 + n_q] input tokens; positions: [n] absolute step of each row; cond_sum: [n, dim].
     Every row is computed; a row that is not really stepping (masked by the caller) only writes the
     cache cell of `positions`, which its next real step at that position overwrites.
-    Returns (hidden [n, dim] after out_norm, text logits [n, text_card]).
+    Returns (hidden [n, dim] after out_norm, text logits [n, text_card_out]).
     """
     s = model.shape
     n = tokens.shape[0]

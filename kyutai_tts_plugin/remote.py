@@ -171,6 +171,12 @@ class RemoteTTS:
         options = options or SessionOptions()
         if options.other_voice is not None:
             raise InvalidInputError("dialogs (other_voice) are not supported over the server protocol")
+        if not (options.voice is None or isinstance(options.voice, str)):
+            # A prompt's samples would go in a Voice message; this client sends a voice name only.
+            raise InvalidInputError(
+                "RemoteTTS takes a voice name: give the server a voice prompt file in its voice directory "
+                "and name it, or send a Voice message with the audio (see the server's protocol)"
+            )
         if options.temperature < 0 or options.top_k < 0 or options.top_k_text < 0 or options.n_q < 1:
             raise InvalidInputError("temperature, top_k and top_k_text must be >= 0 and n_q >= 1")
         try:

@@ -36,6 +36,7 @@ import asyncio
 import difflib
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -69,7 +70,8 @@ from .errors import (
     VoiceNotFoundError,
 )
 from .remote import READY_ON_SLOT, READY_PARAM
-from .types import SAMPLE_RATE, AudioChunk, SessionOptions, WordTiming
+from .types import SAMPLE_RATE, AudioChunk, SessionOptions, VoicePrompt, WordTiming
+from .voice_prompt import EMBEDDING_MODEL, PROMPT_MODEL, prompt_pcm, read_audio
 
 if TYPE_CHECKING:
     import av.container
@@ -505,6 +507,48 @@ class TTSServer:
             self._speaker_dim = int(load_safetensors(path)["speaker_wavs"].shape[1])
         return self._speaker_dim
 
+    async def _voice_of(self, message: Mapping[str, Any]) -> str | VoicePrompt:
+        """The voice a `Voice` message gives, as this model takes it: an embedding registered as a
+        voice name, or (a model that takes audio prompts) the prompt itself."""
+        if self.engine.voice_kind == "prompt":
+            return await asyncio.to_thread(self._voice_prompt, message)
+        if "audio" in message or "pcm" in message:
+            raise ProtocolError(
+                "invalid_voice",
+                f"invalid Voice message: it carries audio, but {EMBEDDING_MODEL}; send "
+                "{'type': 'Voice', 'embeddings': [float, ...], 'shape': [1, dim, T]}",
+            )
+        return await self._register_voice(message)
+
+    def _voice_prompt(self, message: Mapping[str, Any]) -> VoicePrompt:
+        """A Voice message with an audio prompt (blocking: decodes the audio): ``{'type': 'Voice',
+        'audio': <bytes of a WAV/FLAC/MP3/OGG file>}`` or ``{'type': 'Voice', 'pcm': [float, ...],
+        'sample_rate': int}`` (mono samples in [-1, 1])."""
+        audio, pcm, rate = message.get("audio"), message.get("pcm"), message.get("sample_rate", SAMPLE_RATE)
+        usage = (
+            "{'type': 'Voice', 'audio': <bytes of a WAV, FLAC or MP3 file>} or {'type': 'Voice', "
+            "'pcm': [float, ...], 'sample_rate': int}"
+        )
+        if isinstance(audio, bytes) and pcm is None:
+            try:
+                prompt = read_audio(io.BytesIO(audio), shown="the Voice message's audio")
+            except InvalidInputError as e:
+                raise ProtocolError("invalid_voice", f"invalid Voice message: {e}") from None
+        elif isinstance(pcm, list) and audio is None and type(rate) is int:
+            if not all(type(v) is float or type(v) is int for v in pcm):
+                raise ProtocolError("invalid_voice", "invalid Voice message: 'pcm' must be numbers")
+            prompt = VoicePrompt(np.asarray(pcm, dtype=np.float32), rate)
+        else:
+            raise ProtocolError(
+                "malformed_message", f"malformed Voice message: {PROMPT_MODEL}; send {usage}"
+            )
+        try:
+            SessionOptions(voice=prompt).validate()
+            prompt_pcm(prompt, self.engine.max_prompt_s, "the Voice message's audio")
+        except InvalidInputError as e:
+            raise ProtocolError("invalid_voice", f"invalid Voice message: {e}") from None
+        return prompt
+
     async def _register_voice(self, message: Mapping[str, Any]) -> str:
         """The voice name of a `Voice` message's embedding (moshi-server's voice cloning output: C-order
         float32 values and their shape [1, dim, T]); raises `malformed_message` / `invalid_voice`."""
@@ -768,7 +812,7 @@ class TTSServer:
                         "a Voice message must come before the first Text (and before Eos), and without "
                         "ready=slot (which opens the session at connect)",
                     )
-                options = replace(options, voice=await self._register_voice(voice))
+                options = replace(options, voice=await self._voice_of(voice))
                 continue
             if kind == "eos":
                 if not flushed:

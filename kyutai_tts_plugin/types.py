@@ -45,6 +45,23 @@ class WordTiming:
     text: str
 
 
+@dataclass(frozen=True, eq=False)
+class VoicePrompt:
+    """A voice given as audio: a short recording of the speaker (raw PCM), for a model that takes its
+    voice as an audio prefix (``kyutai/tts-0.75b-en-public``). The engine resamples it to 24 kHz, keeps
+    1 to `max_prompt_s` seconds of it (errors otherwise) and encodes it once per content.
+
+    Only clone the voice of a speaker who agreed to it.
+    """
+
+    pcm: np.ndarray  # float (or int16) samples, mono [S] or [S, channels] (channels are averaged)
+    sample_rate: int = SAMPLE_RATE
+
+    def __repr__(self) -> str:
+        shape = getattr(self.pcm, "shape", None)
+        return f"VoicePrompt(pcm=<{shape}>, sample_rate={self.sample_rate})"
+
+
 # Accepted ranges of the per-session options (see `SessionOptions.validate`).
 MAX_VOICE_CHARS = 256
 MAX_TEMPERATURE = 5.0
@@ -63,12 +80,14 @@ class SessionOptions:
     `InvalidInputError` naming the field and its accepted range).
     """
 
-    voice: str | None = None  # None: the engine's default voice
+    # None: the engine's default voice. A voice name, or for a model that takes audio prompts
+    # (kyutai/tts-0.75b-en-public) also a WAV/FLAC/MP3 file path or a VoicePrompt (raw PCM).
+    voice: str | VoicePrompt | None = None
     cfg_coef: float = 2.0  # one of the checkpoint's values (1.0..4.0 by 0.5 for kyutai/tts-1.6b-en_fr)
     temperature: float = 0.6  # 0 = greedy decoding; otherwise MIN_SAMPLING_TEMPERATURE..MAX_TEMPERATURE
     top_k: int = 250  # audio tokens (0 = no top-k); at most the audio vocabulary
     top_k_text: int = 25  # text tokens (0 = no top-k); at most the text vocabulary
-    n_q: int = 32  # audio codebooks generated (1..checkpoint n_q)
+    n_q: int = 32  # audio codebooks generated, 1..32; above the checkpoint's (16 for 0.75B): all of them
     padding_bonus: float = 0.0  # > 0 speaks slower, < 0 faster; -MAX_PADDING_BONUS..MAX_PADDING_BONUS
     seed: int | None = None  # 0..MAX_SEED; None: a random seed
     other_voice: str | None = None  # dialog only: the voice of the second speaker (see next_turn)
@@ -125,6 +144,22 @@ def _shown(value: Any) -> str:
 
 def _check_voice(name: str, value: Any) -> None:
     if value is None:
+        return
+    if isinstance(value, VoicePrompt):
+        if name != "voice":
+            raise InvalidInputError(f"{name}: a VoicePrompt can only be the main voice (voice=...)")
+        pcm, rate = value.pcm, value.sample_rate
+        if not isinstance(pcm, np.ndarray) or pcm.ndim not in (1, 2) or pcm.size == 0:
+            raise InvalidInputError(
+                f"voice: VoicePrompt.pcm must be a non-empty numpy array [samples] or [samples, "
+                f"channels], got {_shown(getattr(pcm, 'shape', pcm))}"
+            )
+        if not (np.issubdtype(pcm.dtype, np.floating) or pcm.dtype == np.int16):
+            raise InvalidInputError(f"voice: VoicePrompt.pcm must be float or int16 samples, got {pcm.dtype}")
+        if not isinstance(rate, numbers.Integral) or isinstance(rate, bool) or not 8000 <= rate <= 192000:
+            raise InvalidInputError(
+                f"voice: VoicePrompt.sample_rate={_shown(rate)} is invalid; use the rate in Hz (8000..192000)"
+            )
         return
     if not isinstance(value, str) or not value or len(value) > MAX_VOICE_CHARS:
         raise InvalidInputError(
