@@ -282,7 +282,7 @@ def build_checkpoint(
     from safetensors.torch import save_file
 
     # The released files' attention names, and the config keys that are not LM arguments.
-    from tests.moshi_oracle import _NON_LM_KEYS, _fused_names
+    from tests.moshi_oracle import _NON_LM_KEYS, _fused_names, save_random_mimi
 
     config, mimi_config = lm_and_mimi_configs(smoke)
     if mimi_config is not None:
@@ -306,18 +306,7 @@ def build_checkpoint(
         state[key] = value.detach().to("cpu", torch.float32 if keep_f32 else dtype).contiguous()
     save_file(_fused_names(state), str(root / config["moshi_name"]))
     del state
-    mimi = loaders.get_mimi(None, mimi_config, num_codebooks=32)
-    gen = torch.Generator().manual_seed(1)
-    mimi_state = {}
-    for key, value in mimi.state_dict().items():
-        if key.endswith("_initialized"):
-            value = torch.ones_like(value)
-        elif key.endswith("cluster_usage"):
-            value = torch.rand(value.shape, generator=gen) + 0.5
-        elif value.is_floating_point():
-            value = torch.randn(value.shape, generator=gen) * 0.02
-        mimi_state[key] = value.float().contiguous()
-    save_file(_fused_names(mimi_state), str(root / config["mimi_name"]))
+    save_random_mimi(root / config["mimi_name"], 0, mimi_config, scale=0.02)
     if mimi_config is not None:
         (root / config["mimi_config_name"]).write_text(json.dumps(mimi_config))
     train_test_tokenizer(root / config["tokenizer_name"])

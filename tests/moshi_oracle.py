@@ -37,7 +37,7 @@ class MoshiCheckpoint:
         sig = self.config["model_id"]
         return self.voices_dir / f"{name}.{sig['sig']}@{sig['epoch']}.safetensors"
 
-    def load_moshi(self, n_q: int, temp: float) -> TTSModel:
+    def load_moshi(self, n_q: int, temp: float, dtype: torch.dtype = torch.float32) -> TTSModel:
         info = loaders.CheckpointInfo.from_hf_repo(
             "local/test",
             moshi_weights=self.root / self.config["moshi_name"],
@@ -46,7 +46,7 @@ class MoshiCheckpoint:
             config_path=self.root / "config.json",
             mimi_config_path=self.root / self.config["mimi_config_name"],
         )
-        return TTSModel.from_checkpoint_info(info, n_q=n_q, temp=temp, device="cpu", dtype=torch.float32)
+        return TTSModel.from_checkpoint_info(info, n_q=n_q, temp=temp, device="cpu", dtype=dtype)
 
 
 def _fused_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,35 +66,29 @@ def _fused_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_moshi_checkpoint(root: Path, seed: int = 0, fused: bool = True) -> MoshiCheckpoint:
-    """A tiny random moshi LM + Mimi saved like `kyutai/tts-1.6b-en_fr` (plus a mimi_config file)."""
+def _start_checkpoint(root: Path, config: dict[str, Any], seed: int) -> Any:
+    """Write a tiny checkpoint's config, Mimi config and tokenizer; return moshi's LM for `config`,
+    built after seeding torch with `seed` (its weights are then randomized by the caller)."""
     root.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(TINY_LM_CONFIG)
     train_test_tokenizer(root / config["tokenizer_name"])
     (root / config["mimi_config_name"]).write_text(json.dumps(TINY_MIMI_CONFIG.to_dict()))
     (root / "config.json").write_text(json.dumps(config, indent=2))
-
     torch.manual_seed(seed)
     lm_kwargs = {k: v for k, v in config.items() if k not in _NON_LM_KEYS}
-    lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device="cpu", dtype=torch.float32)
+    return loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device="cpu", dtype=torch.float32)
+
+
+def build_moshi_checkpoint(root: Path, seed: int = 0, fused: bool = True) -> MoshiCheckpoint:
+    """A tiny random moshi LM + Mimi saved like `kyutai/tts-1.6b-en_fr` (plus a mimi_config file)."""
+    config = copy.deepcopy(TINY_LM_CONFIG)
+    lm = _start_checkpoint(root, config, seed)
     state = {}
     for key, value in lm.state_dict().items():
         value = torch.randn_like(value) * 0.5 if "alpha" not in key else value
         state[key] = value.float() if key.startswith("condition_provider.") else value.to(torch.bfloat16)
     save_file(_fused_names(state) if fused else state, root / config["moshi_name"])
 
-    mimi = loaders.get_mimi(None, TINY_MIMI_CONFIG.to_dict(), num_codebooks=32)
-    mimi_state = {}
-    gen = torch.Generator().manual_seed(seed + 1)
-    for key, value in mimi.state_dict().items():
-        if key.endswith("_initialized"):
-            value = torch.ones_like(value)
-        elif key.endswith("cluster_usage"):
-            value = torch.rand(value.shape, generator=gen) + 0.5
-        elif value.is_floating_point():
-            value = torch.randn(value.shape, generator=gen) * 0.1
-        mimi_state[key] = value.float().contiguous()
-    save_file(_fused_names(mimi_state), root / config["mimi_name"])
+    save_random_mimi(root / config["mimi_name"], seed, TINY_MIMI_CONFIG.to_dict())
 
     voices_dir = root / "voices"
     ckpt = MoshiCheckpoint(root, config, voices_dir)
@@ -171,26 +165,21 @@ def write_prompt_wav(path: Path, seconds: float, seed: int = 0, sample_rate: int
 def build_moshi_prefix_checkpoint(root: Path, seed: int = 0) -> MoshiCheckpoint:
     """A tiny random moshi LM + Mimi in the 0.75B layout (config.json, dsm_tts_<sig>@<epoch>, Mimi,
     tokenizer), with a voices/ directory of prompt WAVs (the layout of kyutai/tts-voices' .wav files)."""
-    root.mkdir(parents=True, exist_ok=True)
     config = prefix_model_config()
-    train_test_tokenizer(root / config["tokenizer_name"])
-    (root / config["mimi_config_name"]).write_text(json.dumps(TINY_MIMI_CONFIG.to_dict()))
-    (root / "config.json").write_text(json.dumps(config, indent=2))
-    torch.manual_seed(seed)
-    lm_kwargs = {k: v for k, v in config.items() if k not in _NON_LM_KEYS}
-    lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(lm_kwargs), device="cpu", dtype=torch.float32)
+    lm = _start_checkpoint(root, config, seed)
     state = {k: (torch.randn_like(v) * 0.5 if "alpha" not in k else v).to(torch.bfloat16)
              for k, v in lm.state_dict().items()}  # fmt: skip
     save_file(_fused_names(state), root / config["moshi_name"])
-    _save_random_mimi(root / config["mimi_name"], seed)
+    save_random_mimi(root / config["mimi_name"], seed, TINY_MIMI_CONFIG.to_dict())
     voices_dir = root / "voices"
     for i, name in enumerate(VOICES):
         write_prompt_wav(voices_dir / name, 1.2 + 0.2 * i, seed=seed + i)
     return MoshiCheckpoint(root, config, voices_dir)
 
 
-def _save_random_mimi(path: Path, seed: int) -> None:
-    mimi = loaders.get_mimi(None, TINY_MIMI_CONFIG.to_dict(), num_codebooks=32)
+def save_random_mimi(path: Path, seed: int, config: dict[str, Any] | None, scale: float = 0.1) -> None:
+    """A random moshi Mimi saved under the checkpoint's names (`config` None: the released shape)."""
+    mimi = loaders.get_mimi(None, config, num_codebooks=32)
     mimi_state = {}
     gen = torch.Generator().manual_seed(seed + 1)
     for key, value in mimi.state_dict().items():
@@ -199,7 +188,7 @@ def _save_random_mimi(path: Path, seed: int) -> None:
         elif key.endswith("cluster_usage"):
             value = torch.rand(value.shape, generator=gen) + 0.5
         elif value.is_floating_point():
-            value = torch.randn(value.shape, generator=gen) * 0.1
+            value = torch.randn(value.shape, generator=gen) * scale
         mimi_state[key] = value.float().contiguous()
     save_file(_fused_names(mimi_state), path)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from moshi.models import loaders
 from moshi.models.tts import TTSModel
 
 from kyutai_tts_plugin.engine import TTSEngine
@@ -42,15 +41,7 @@ AGREEMENT_FLOOR = 0.05
 
 
 def moshi_bf16_frames(ckpt: MoshiCheckpoint, text: str) -> tuple[np.ndarray, TTSModel, list]:
-    info = loaders.CheckpointInfo.from_hf_repo(
-        "local/test",
-        moshi_weights=ckpt.root / ckpt.config["moshi_name"],
-        mimi_weights=ckpt.root / ckpt.config["mimi_name"],
-        tokenizer=ckpt.root / ckpt.config["tokenizer_name"],
-        config_path=ckpt.root / "config.json",
-        mimi_config_path=ckpt.root / ckpt.config["mimi_config_name"],
-    )
-    tts = TTSModel.from_checkpoint_info(info, n_q=N_Q, temp=0.0, device="cpu", dtype=torch.bfloat16)
+    tts = ckpt.load_moshi(N_Q, 0.0, torch.bfloat16)
     tts.max_gen_length = STEPS + 4
     entries = tts.prepare_script([text], padding_between=1)
     attrs = tts.make_condition_attributes([ckpt.voice_path(VOICES[0])], cfg_coef=2.0)

@@ -161,10 +161,19 @@ def busy_engine(tiny_checkpoint):
     engine.close()
 
 
-async def test_a_request_waiting_longer_than_conn_timeout_raises_api_timeout_and_retries(busy_engine):
+@pytest.mark.parametrize("remote", [False, True], ids=["in-process", "remote"])
+async def test_a_request_waiting_longer_than_conn_timeout_raises_api_timeout_and_retries(
+    busy_engine, make_server, remote
+):
+    from kyutai_tts_plugin.remote import RemoteTTS
+
+    from .conftest import SERVER_TEST_KEY
+
     engine, hog = busy_engine
     await wait_for(lambda: hog.run is not None, "the hog's slot")
-    tts_ = TTS(engine=engine)
+    # Remote: the server queues each attempt (max_waiting), so only conn_options.timeout ends the wait.
+    backend = RemoteTTS((await make_server(engine=engine)).url, api_key=SERVER_TEST_KEY) if remote else engine
+    tts_ = TTS(engine=backend)
     errors = error_events(tts_)
     options = APIConnectOptions(max_retry=1, retry_interval=0.0, timeout=0.2)
     with pytest.raises(APITimeoutError, match="conn_options.timeout"):
@@ -175,57 +184,17 @@ async def test_a_request_waiting_longer_than_conn_timeout_raises_api_timeout_and
     await wait_for(lambda: engine.active_sessions == 1, "the timed-out attempts to leave the queue")
 
 
-async def test_fallback_adapter_falls_back_within_conn_timeout(busy_engine, tiny_engine):
-    engine, hog = busy_engine
-    await wait_for(lambda: hog.run is not None, "the hog's slot")
-    busy, spare = TTS(engine=engine, temperature=0.0, n_q=4), TTS(engine=tiny_engine, temperature=0.0, n_q=4)
-    errors = error_events(busy)
-    fallback = tts.FallbackAdapter([busy, spare], max_retry_per_tts=1)
-    options = APIConnectOptions(max_retry=0, retry_interval=0.0, timeout=0.2)
-    text = "Sure, here is the plan."
-    try:
-        events = await asyncio.wait_for(run_stream(fallback, [text], options), HANG_GUARD_S)
-        assert events and "".join(timed_words(events)) == text  # the spare spoke it
-        assert [e.recoverable for e in errors] == [True, False]
-        assert hog.run is not None and not hog.is_finished  # the busy slot was never freed meanwhile
-    finally:
-        await fallback.aclose()
-    await wait_for(lambda: engine.active_sessions == 1, "the busy engine's queue to empty")
-
-
-async def test_a_remote_request_queued_longer_than_conn_timeout_raises_api_timeout_and_retries(
-    busy_engine, make_server
-):
+@pytest.mark.parametrize("remote", [False, True], ids=["in-process", "remote"])
+async def test_fallback_adapter_falls_back_within_conn_timeout(busy_engine, tiny_engine, make_server, remote):
     from kyutai_tts_plugin.remote import RemoteTTS
 
     from .conftest import SERVER_TEST_KEY
 
     engine, hog = busy_engine
     await wait_for(lambda: hog.run is not None, "the hog's slot")
-    server = await make_server(engine=engine)
-    tts_ = TTS(engine=RemoteTTS(server.url, api_key=SERVER_TEST_KEY))
-    errors = error_events(tts_)
-    options = APIConnectOptions(max_retry=1, retry_interval=0.0, timeout=0.2)
-    # The server queues each attempt (max_waiting): only conn_options.timeout can end the wait.
-    with pytest.raises(APITimeoutError, match="conn_options.timeout"):
-        await asyncio.wait_for(run_stream(tts_, ["hello there friend"], options), HANG_GUARD_S)
-    assert [e.recoverable for e in errors] == [True, False]
-    assert all(isinstance(e.error, APITimeoutError) for e in errors)
-    await wait_for(lambda: engine.active_sessions == 1, "the timed-out attempts to leave the server's queue")
-
-
-async def test_fallback_adapter_falls_back_from_a_queued_remote_server_within_conn_timeout(
-    busy_engine, tiny_engine, make_server
-):
-    from kyutai_tts_plugin.remote import RemoteTTS
-
-    from .conftest import SERVER_TEST_KEY
-
-    engine, hog = busy_engine
-    await wait_for(lambda: hog.run is not None, "the hog's slot")
-    server = await make_server(engine=engine)
-    busy = TTS(engine=RemoteTTS(server.url, api_key=SERVER_TEST_KEY), temperature=0.0, n_q=4)
-    spare = TTS(engine=tiny_engine, temperature=0.0, n_q=4)
+    # Remote: the server queues the request (max_waiting) until conn_options.timeout ends the wait.
+    backend = RemoteTTS((await make_server(engine=engine)).url, api_key=SERVER_TEST_KEY) if remote else engine
+    busy, spare = TTS(engine=backend, temperature=0.0, n_q=4), TTS(engine=tiny_engine, temperature=0.0, n_q=4)
     errors = error_events(busy)
     fallback = tts.FallbackAdapter([busy, spare], max_retry_per_tts=1)
     options = APIConnectOptions(max_retry=0, retry_interval=0.0, timeout=0.2)
@@ -235,10 +204,10 @@ async def test_fallback_adapter_falls_back_from_a_queued_remote_server_within_co
         assert events and "".join(timed_words(events)) == text  # the spare spoke it
         assert [e.recoverable for e in errors] == [True, False]
         assert all(isinstance(e.error, APITimeoutError) for e in errors)
-        assert hog.run is not None and not hog.is_finished
+        assert hog.run is not None and not hog.is_finished  # the busy slot was never freed meanwhile
     finally:
         await fallback.aclose()
-    await wait_for(lambda: engine.active_sessions == 1, "the server's queue to empty")
+    await wait_for(lambda: engine.active_sessions == 1, "the busy engine's queue to empty")
 
 
 # -- 8. errors map as LiveKit's plugins map them ---------------------------------------------------
