@@ -43,8 +43,9 @@ from .lm import LMModel, LMState, backbone_step, depformer_step
 from .mimi import MimiModel, MimiStreamingDecoder
 from .sampling import sample, stream_keys, to_seed
 
-# Compiled variants per half: batch buckets x n_q values in use.
-COMPILE_VARIANTS = 64
+# Compiled variants per half (dynamo's recompile limit): batch buckets x n_q values x candidate
+# bounds (x decode or not) in use.
+COMPILE_VARIANTS = 256
 UNFORCED = -2  # a prefix cell with nothing to force (the reference's "ungenerated" token)
 
 
