@@ -151,9 +151,8 @@ def main() -> None:
         opts = SessionOptions(n_q=args.n_q)
         ready = [first_audio(engine, opts, None) for _ in range(args.runs)]
         streamed = [first_audio(engine, opts, args.word_interval) for _ in range(args.runs)]
-        kv_bytes = engine.generator.lm_state.k.element_size() * (
-            engine.generator.lm_state.k.numel() + engine.generator.lm_state.v.numel()
-        )
+        lm_state = engine.generator.lm_state
+        kv_bytes = sum(t.numel() * t.element_size() for t in lm_state.k + lm_state.v)
         buffers = engine.generator.decoder.state.buffers.values()
         mimi_bytes = sum(t.numel() * t.element_size() for t in buffers) / engine.max_sessions
         engine.close()

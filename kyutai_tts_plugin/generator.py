@@ -44,8 +44,9 @@ from .mimi import MimiModel, MimiStreamingDecoder
 from .sampling import sample, stream_keys, to_seed
 
 # Compiled variants per half (dynamo's recompile limit): batch buckets x n_q values x candidate
-# bounds (x decode or not) in use.
-COMPILE_VARIANTS = 256
+# bounds (x decode or not, x attended cache cells) in use.
+COMPILE_VARIANTS = 1024
+FEWEST_CELLS = 64  # the smallest attended part of the backbone's KV cache
 UNFORCED = -2  # a prefix cell with nothing to force (the reference's "ungenerated" token)
 
 
@@ -55,6 +56,18 @@ def batch_buckets(max_sessions: int) -> list[int]:
     while out[-1] * 2 < max_sessions:
         out.append(out[-1] * 2)
     return sorted({*out, max_sessions})
+
+
+def attended_cells(longest: int, context: int) -> int:
+    """KV cache cells a backbone step reads when the span's slots hold at most `longest` positions:
+    a power of two from FEWEST_CELLS, the whole ring once a slot reaches it. Cell p holds position p
+    until the ring wraps, so the cells past `longest` are empty: reading them would only cost
+    bandwidth (at batch 64 on a GPU the full cache is most of a step's memory traffic), and a reply
+    of a few seconds fills a fraction of the 40 s window."""
+    cells = FEWEST_CELLS
+    while cells < longest:
+        cells *= 2
+    return min(cells, context)
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,7 @@ class Generator:
         self.seed = torch.zeros(max_sessions, **i64)
         self.cond_sum = torch.zeros(max_sessions, shape.dim, **f32)
         self.step = torch.zeros(max_sessions, **i64)  # each slot's own step index
+        self.host_step = np.zeros(max_sessions, np.int64)  # the same, kept by the host (no sync)
         self.delays = torch.tensor(shape.delays, **i64)
         self.initial = torch.tensor([shape.text_card] + [shape.card] * shape.n_q, **i64)
         self.prev = self.initial.repeat(max_sessions, 1)  # the tokens written at each slot's last step
@@ -174,8 +188,8 @@ class Generator:
     def _state_tensors(self) -> list[torch.Tensor]:
         st = self.lm_state
         return [
-            st.k,
-            st.v,
+            *st.k,
+            *st.v,
             st.cell_pos,
             *(t for t in (st.cross_k, st.cross_v) if t is not None),
             self.step,
@@ -262,6 +276,7 @@ class Generator:
         self.seed[row] = to_seed(settings.seed)
         self.cond_sum[row] = cond_sum
         self.step[row] = 0
+        self.host_step[row] = 0
         self.prev[row] = self.initial
         self.decoder.reset([row])
 
@@ -272,13 +287,13 @@ class Generator:
         st = self.lm_state
         saved = []
         for r in rows:
-            n = int(self.step[r])
+            n = int(self.host_step[r])
             assert n <= st.cell_pos.shape[1], "only a state that still fits the attention window"
             saved.append(
                 {
                     "step": n,
-                    "k": st.k[:, r, :, :n].clone(),
-                    "v": st.v[:, r, :, :n].clone(),
+                    "k": torch.stack([k[r, :, :n] for k in st.k]),
+                    "v": torch.stack([v[r, :, :n] for v in st.v]),
                     "prev": self.prev[r].clone(),
                     "history": self.history[r].clone(),
                     "decoder": {key: buf[r].clone() for key, buf in self.decoder.state.buffers.items()},
@@ -291,11 +306,13 @@ class Generator:
         st = self.lm_state
         for r, snap in zip(rows, saved, strict=True):
             n = snap["step"]
-            st.k[:, r, :, :n] = snap["k"]
-            st.v[:, r, :, :n] = snap["v"]
+            for layer, (k, v) in enumerate(zip(st.k, st.v, strict=True)):
+                k[r, :, :n] = snap["k"][layer]
+                v[r, :, :n] = snap["v"][layer]
             st.cell_pos[r] = -1
             st.cell_pos[r, :n] = torch.arange(n, device=self.device)  # position p sits in cell p
             self.step[r] = n
+            self.host_step[r] = n
             self.prev[r] = snap["prev"]
             self.history[r] = snap["history"]
             for key, value in snap["decoder"].items():
@@ -314,7 +331,8 @@ class Generator:
         computed and forgotten.
         """
         k_text = candidate_bound(self.settings[:span], True, self.text_vocab)
-        hidden, keys, sampled = self._text(span, k_text)
+        cells = attended_cells(int(self.host_step[:span].max()) + 1, self.model.shape.context)
+        hidden, keys, sampled = self._text(span, k_text, cells)
         self._pending = _Pending(span, hidden, keys)
         return sampled.tolist()
 
@@ -351,6 +369,7 @@ class Generator:
         active_t = torch.tensor(list(active), dtype=torch.bool).to(self.device, non_blocking=True)
         k_audio = candidate_bound(self.settings[:span], False, self.audio_vocab)
         audio, pcm = self._audio(span, n_q, k_audio, decode, pending.hidden, pending.keys, fed_t, active_t)
+        self.host_step[:span] += np.asarray(active, dtype=bool)
         if n_q == 0:
             return np.full((span, self.dep_q), -1, dtype=np.int32), np.zeros(
                 (0, self.mimi.frame_size), np.float32
@@ -364,7 +383,9 @@ class Generator:
 
     # -- the two halves as pure tensor programs (compiled with compile=True) --------------------
 
-    def _text_tensors(self, span: int, k_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _text_tensors(
+        self, span: int, k_text: int, cells: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         step = self.step[:span]
         is_init = step[:, None] <= self.delays[None]
         if self.prefixes:
@@ -379,7 +400,7 @@ class Generator:
             tokens = torch.where(null & masked & ~is_init, torch.full_like(tokens, -1), tokens)
         else:
             tokens = torch.where(is_init, self.initial[None], self.prev[:span])
-        hidden, logits = backbone_step(self.model, self.lm_state, tokens, step, self.cond_sum[:span])
+        hidden, logits = backbone_step(self.model, self.lm_state, tokens, step, self.cond_sum[:span], cells)
         bonus = torch.zeros_like(logits, dtype=torch.float32)
         bonus[:, dsm.PAD] = self.padding_bonus[:span]
         logits = (logits.float() + bonus).to(logits.dtype)

@@ -153,13 +153,28 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Scaled dot-product attention. On CPU in reduced precision, torch's fused kernel is several times
-    slower than three plain ops for one query step, so use those there (softmax in float32)."""
+    slower than three plain ops for one query step, so use those there (softmax in float32), as one
+    opaque op: compiled, inductor would otherwise turn them back into that fused kernel (the
+    unmasked cross-attention) or into its own reduction loops (the masked self-attention), each
+    about ten times slower than the plain ops at batch 8 (real-size bfloat16, torch 2.13)."""
     if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, mask)
+    return _cpu_attention(q, k, v, mask)
+
+
+@torch.library.custom_op("kyutai_tts::cpu_attention", mutates_args=())
+def _cpu_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+@_cpu_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
@@ -460,8 +475,12 @@ class LMState:
         dev, dt = model._device, model._dtype
         head = s.dim // s.num_heads
         self.batch_size = batch_size
-        self.k = torch.zeros(s.num_layers, batch_size, s.num_heads, s.context, head, device=dev, dtype=dt)
-        self.v = torch.zeros_like(self.k)
+        # One tensor per layer, never views of a shared one: a compiled step then writes each step's
+        # cells in place (a write through a view of a graph input is functionalized into a copy of
+        # the whole layer's cache, every layer, every step).
+        layer_shape = (batch_size, s.num_heads, s.context, head)
+        self.k = [torch.zeros(layer_shape, device=dev, dtype=dt) for _ in range(s.num_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         # Absolute position held in each cache cell; -1 = empty. Shared by all layers.
         self.cell_pos = torch.full((batch_size, s.context), -1, dtype=torch.long, device=dev)
         # [layers, batch, H, M, D] each, allocated at the first voice (M depends on the voices).
@@ -495,10 +514,14 @@ def backbone_step(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     cond_sum: torch.Tensor,
+    cells: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One time step of the backbone for the first n = len(tokens) slots.
 
     tokens: [n, 1 + n_q] input tokens; positions: [n] absolute step of each row; cond_sum: [n, dim].
+    cells: how many cache cells the attention reads (default: the whole ring). Position p sits in
+    cell p % context, so while every position is below `cells` the cells past it are all empty: a
+    short reply then reads a fraction of the cache (the caller passes a few fixed sizes).
     Every row is computed; a row that is not really stepping (masked by the caller) only writes the
     cache cell of `positions`, which its next real step at that position overwrites.
     Returns (hidden [n, dim] after out_norm, text logits [n, text_card_out]).
@@ -516,7 +539,8 @@ def backbone_step(
     rows = torch.arange(n, device=tokens.device)
     cell = positions % s.context
     state.cell_pos[rows, cell] = positions
-    cell_pos = state.cell_pos[:n]
+    cells = s.context if cells is None else cells
+    cell_pos = state.cell_pos[:n, :cells]
     delta = positions[:, None] - cell_pos
     mask = ((cell_pos >= 0) & (delta >= 0) & (delta < s.context))[:, None, None, :]
     pos_q = positions[:, None]
@@ -525,9 +549,10 @@ def backbone_step(
         h = layer.norm1(x)
         q, k, v = split_heads(apply_weight(h, layer.self_attn.w_in()), 3, s.num_heads)
         q, k = model.rope(q, pos_q), model.rope(k, pos_q)
-        state.k[li, rows, :, cell] = k[:, :, 0]
-        state.v[li, rows, :, cell] = v[:, :, 0]
-        a = attention(q, state.k[li, :n], state.v[li, :n], mask)
+        k_cache, v_cache = state.k[li], state.v[li]
+        k_cache[rows, :, cell] = k[:, :, 0]
+        v_cache[rows, :, cell] = v[:, :, 0]
+        a = attention(q, k_cache[:n, :, :cells], v_cache[:n, :, :cells], mask)
         x = x + apply_weight(merge_heads(a), layer.self_attn.w_out())
         if layer.cross_attention is not None:
             assert state.cross_k is not None and state.cross_v is not None, "no voice joined"

@@ -12,6 +12,7 @@ import torch
 
 from kyutai_tts_plugin.configs import REAL_LM_CONFIG
 from kyutai_tts_plugin.engine import StreamingSession, TTSEngine
+from kyutai_tts_plugin.generator import attended_cells
 from kyutai_tts_plugin.lm import LMModel, LMShape
 from kyutai_tts_plugin.testing import StepRecorder
 from kyutai_tts_plugin.types import AudioChunk, SessionOptions, WordTiming
@@ -122,6 +123,16 @@ def test_greedy_tokens_match_moshi_past_the_kv_window(oracle, engine, rec, n_q):
     assert_same_run(rec, session, result, n_q)
     # The server rule runs 2 steps past generate(): end_step + 16 + 4 + 2 steps in all.
     assert rec.count(session) == result.end_steps[0] + 16 + 4 + 2
+
+
+def test_attended_cells_hold_every_position_until_the_ring_is_full():
+    """The run above crosses each size (64, 128, 256, the whole ring, then the wrap) and stays equal
+    to moshi, which always reads the whole ring; here, the sizes themselves."""
+    lengths = [1, 64, 65, 128, 129, 256, 257, 500, 501, 10_000]
+    cells = [attended_cells(n, 500) for n in lengths]
+    assert all(c >= min(n, 500) for n, c in zip(lengths, cells, strict=True))
+    assert cells == [64, 64, 128, 128, 256, 256, 500, 500, 500, 500]
+    assert attended_cells(3, 32) == 32  # a context below the smallest size: the whole ring
 
 
 def test_pcm_matches_moshi_streaming_decode(oracle, engine):

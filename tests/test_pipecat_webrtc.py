@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import pytest
 from aiohttp import web
 from pipecat.frames.frames import BotStartedSpeakingFrame, BotStoppedSpeakingFrame, TTSAudioRawFrame
 from pipecat.observers.base_observer import BaseObserver, FramePushed
@@ -39,7 +40,7 @@ from kyutai_tts_plugin.types import SessionOptions
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import pipecat_webrtc_bot  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "chromium"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 GREETING = "Hi there, friend."
 
 
@@ -139,6 +140,8 @@ async def until_page(
 
 
 async def test_browser_hears_the_bot_between_its_speaking_events(tiny_engine: Any, tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        pytest.fail("this test needs headless Chromium: `apt-get install chromium` (.ci/run installs it)")
     observers: list[BotEvents] = []
 
     def make_observers() -> list[BaseObserver]:
@@ -157,21 +160,24 @@ async def test_browser_hears_the_bot_between_its_speaking_events(tiny_engine: An
     await runner.setup()
     port, devtools_port = free_port(), free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    # Everything from here on is undone in `finally`: a parked engine left behind would hang every
+    # later test that shares it.
     parked = ParkedEngine(tiny_engine)
-    browser = await asyncio.create_subprocess_exec(
-        CHROMIUM,
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--autoplay-policy=no-user-gesture-required",
-        f"--remote-debugging-port={devtools_port}",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"http://127.0.0.1:{port}/?autoconnect=1",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    browser: asyncio.subprocess.Process | None = None
     try:
+        browser = await asyncio.create_subprocess_exec(
+            CHROMIUM,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--autoplay-policy=no-user-gesture-required",
+            f"--remote-debugging-port={devtools_port}",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"http://127.0.0.1:{port}/?autoconnect=1",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         async with aiohttp.ClientSession() as http:
             # Connected and receiving the bot's track (silence) while the greeting can have no audio.
             before = await until_page(
@@ -199,8 +205,9 @@ async def test_browser_hears_the_bot_between_its_speaking_events(tiny_engine: An
             )
     finally:
         parked.close()
-        browser.terminate()
-        await browser.wait()
+        if browser is not None:
+            browser.terminate()
+            await browser.wait()
         await runner.cleanup()
 
     assert state["error"] is None and state["state"] == "connected", state
